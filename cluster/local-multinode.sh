@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine, for a laptop or a CI box: a head that runs no work (like the
+# production head, num-cpus 0) plus N worker nodes, each its own raylet with its own CPUs, its own
+# custom resource `local_worker_<i>` (to pin work to a node in tests), and its own temp dir.
+# On a laptop this exercises what a real cluster does: several nodes, per-node outputs in the
+# report, the Jobs API on the dashboard port.
+#
+#   cluster/local-multinode.sh start [--workers N] [--cpus-per-worker C] [--gpus-per-worker G]
+#                                    [--port P] [--dashboard-port D] [--state-dir DIR] [--auth MODE]
+#   cluster/local-multinode.sh status [--state-dir DIR]
+#   cluster/local-multinode.sh stop [--state-dir DIR]
+#
+#   invardiff submit generate --address http://127.0.0.1:8265 -- --classes 0-9 --per-class 8 --out ...
+#
+# Auth: by default this local cluster starts with RAY_AUTH_MODE=disabled, so `ray job submit` /
+# `invardiff submit` from the same machine work without a token. Production clusters keep token auth
+# on (see cluster/kuberay and cluster/autoscaler). `--auth token` starts this one with token auth too
+# (token from ~/.ray/auth_token, created if missing); submit with RAY_AUTH_MODE=token or
+# RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token).
+#
+# Addresses: every node is started with --node-ip-address=127.0.0.1 and the dashboard (Jobs API)
+# listens on 127.0.0.1 only. Ray 2.60's `ray start` nevertheless registers nodes under the machine's
+# routable IP (it rewrites loopback addresses so that other machines could join) and the GCS port
+# listens on all interfaces. With auth disabled, run this only on a machine whose network you trust,
+# or use --auth token.
+#
+# --gpus-per-worker G advertises G *logical* GPUs per worker. Ray only counts them, so code that asks
+# for num_gpus=1 schedules on a laptop; it still runs on the CPU.
+#
+# Every node runs under `ray start --block` in the background and its PID is recorded in the state
+# dir. `stop` sends SIGTERM to exactly those PIDs, and each one tears down its own node. It never
+# runs `ray stop`, which would also kill unrelated Ray instances on the same machine.
+set -euo pipefail
+
+workers=2
+cpus_per_worker=1
+gpus_per_worker=0
+gcs_port=6379
+dashboard_port=8265
+# Short on purpose: Ray puts Unix sockets under the temp dir, and socket paths are limited to
+# ~107 bytes, so a deep $TMPDIR (macOS) would break `ray start`.
+state_dir=/tmp/invardiff-ray
+# Seconds to wait for all nodes to register before giving up.
+start_timeout=120
+auth_mode=disabled
+
+usage() {
+  sed -n "8,11p" "$0" | sed 's/^# \{0,1\}//'
+  exit "${1:-2}"
+}
+
+die() {
+  echo "local-multinode: $*" >&2
+  exit 1
+}
+
+parse_options() {
+  while [[ $# -gt 0 ]]; do
+    [[ "$1" == -h || "$1" == --help || $# -ge 2 ]] || die "$1 needs a value"
+    case "$1" in
+      --workers) workers="$2"; shift 2 ;;
+      --cpus-per-worker) cpus_per_worker="$2"; shift 2 ;;
+      --gpus-per-worker) gpus_per_worker="$2"; shift 2 ;;
+      --port) gcs_port="$2"; shift 2 ;;
+      --dashboard-port) dashboard_port="$2"; shift 2 ;;
+      --state-dir) state_dir="$2"; shift 2 ;;
+      --auth) auth_mode="$2"; shift 2 ;;
+      -h|--help) usage 0 ;;
+      *) echo "local-multinode: unknown option: $1" >&2; usage ;;
+    esac
+  done
+  [[ "$workers" =~ ^[0-9]+$ ]] || die "--workers must be a non-negative integer, got '$workers'"
+  [[ "$auth_mode" == disabled || "$auth_mode" == token ]] || die "--auth must be 'disabled' or 'token'"
+}
+
+# The nodes of this cluster, one PID file per node: head.pid, worker-1.pid, ...
+pid_files() {
+  compgen -G "$state_dir/*.pid" || true
+}
+
+is_running() {
+  local pid_file="$1"
+  local pid
+  pid="$(cat "$pid_file")"
+  kill -0 "$pid" 2>/dev/null
+}
+
+# Start one node under `ray start --block` in its own session and record its PID.
+start_node() {
+  local name="$1"
+  shift
+  mkdir -p "$state_dir/$name"
+  RAY_AUTH_MODE="$auth_mode" setsid ray start --block --node-ip-address=127.0.0.1 \
+    --temp-dir="$state_dir/$name" "$@" >"$state_dir/$name.log" 2>&1 </dev/null &
+  echo $! >"$state_dir/$name.pid"
+}
+
+# `ray list` prints the JSON on one line; count the node records, not the lines.
+alive_node_count() {
+  RAY_AUTH_MODE="$auth_mode" ray list nodes --address="127.0.0.1:$gcs_port" \
+    --filter "state=ALIVE" --format json 2>/dev/null | grep -o '"node_id"' | wc -l || true
+}
+
+wait_for_nodes() {
+  local expected="$1"
+  local waited=0
+  until [[ "$(alive_node_count)" -ge "$expected" ]]; do
+    for pid_file in $(pid_files); do
+      is_running "$pid_file" || die "node $(basename "$pid_file" .pid) exited; see ${pid_file%.pid}.log"
+    done
+    ((waited >= start_timeout)) && die "only $(alive_node_count) of $expected nodes came up in ${start_timeout}s"
+    sleep 2
+    waited=$((waited + 2))
+  done
+}
+
+start_cluster() {
+  command -v ray >/dev/null || die "'ray' is not on PATH; activate the project's environment first"
+  if [[ -n "$(pid_files)" ]]; then
+    die "a cluster is already recorded in $state_dir; run '$0 stop --state-dir $state_dir' first"
+  fi
+  mkdir -p "$state_dir"
+  if [[ "$auth_mode" == token && ! -s "$HOME/.ray/auth_token" ]]; then
+    ray get-auth-token --generate >/dev/null
+  fi
+  # A half-started cluster is worse than none: if anything below fails, stop what was started.
+  trap 'echo "local-multinode: start failed; stopping the nodes it started" >&2; stop_cluster >&2' EXIT
+
+  start_node head --head --port="$gcs_port" --dashboard-host=127.0.0.1 \
+    --dashboard-port="$dashboard_port" --num-cpus=0 --num-gpus=0
+  wait_for_nodes 1
+
+  local i
+  for ((i = 1; i <= workers; i++)); do
+    start_node "worker-$i" --address="127.0.0.1:$gcs_port" --num-cpus="$cpus_per_worker" \
+      --num-gpus="$gpus_per_worker" --resources="{\"local_worker_$i\": 1}"
+  done
+  wait_for_nodes $((workers + 1))
+  trap - EXIT
+
+  echo "Ray cluster up: head + $workers worker node(s) on this machine (auth: $auth_mode)"
+  echo "  GCS address:  127.0.0.1:$gcs_port"
+  echo "  Dashboard:    http://127.0.0.1:$dashboard_port"
+  echo "  Submit with:  invardiff submit generate --address http://127.0.0.1:$dashboard_port -- ..."
+  echo "  Stop with:    $0 stop --state-dir $state_dir"
+}
+
+show_status() {
+  local pid_file
+  [[ -n "$(pid_files)" ]] || { echo "no cluster recorded in $state_dir"; return 0; }
+  for pid_file in $(pid_files); do
+    if is_running "$pid_file"; then
+      echo "$(basename "$pid_file" .pid): running (pid $(cat "$pid_file"))"
+    else
+      echo "$(basename "$pid_file" .pid): exited"
+    fi
+  done
+}
+
+stop_cluster() {
+  local pid_file pid
+  # Workers first, so the head does not spend its last seconds reporting lost nodes.
+  for pid_file in $(pid_files | sort -r); do
+    pid="$(cat "$pid_file")"
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      # `ray start --block` kills its node's processes on SIGTERM; give it time to finish.
+      for _ in $(seq 1 30); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 1
+      done
+      kill -0 "$pid" 2>/dev/null && echo "local-multinode: pid $pid still running after 30s" >&2
+    fi
+    rm -f "$pid_file"
+  done
+  echo "stopped the cluster recorded in $state_dir"
+}
+
+main() {
+  local command="${1:-}"
+  [[ -n "$command" ]] || usage
+  [[ "$command" == -h || "$command" == --help || "$command" == help ]] && usage 0
+  shift
+  parse_options "$@"
+  case "$command" in
+    start) start_cluster ;;
+    status) show_status ;;
+    stop) stop_cluster ;;
+    *) echo "local-multinode: unknown command: $command" >&2; usage ;;
+  esac
+}
+
+main "$@"

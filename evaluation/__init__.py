@@ -1,0 +1,1 @@
+"""Offline-capable quality metrics: fidelity to an uncached reference, and semantic checks on digits."""

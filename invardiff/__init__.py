@@ -1,0 +1,58 @@
+"""InvarDiff feature caching for diffusers diffusion transformers (DiT, FLUX).
+
+The public names below are loaded on first use (PEP 562): `import invardiff.plan` (the plan object, pure numpy)
+and the CLI stay free of torch/diffusers imports, which cost several seconds. The plan and the calibration math
+are imported from `invardiff.plan` / `invardiff.calibration` directly and are not re-exported here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "CachePolicy": "policy",
+    "InvarDiffPolicy": "policy",
+    "NoCache": "policy",
+    "RateRecorder": "recorder",
+    "CacheStats": "runtime",
+    "apply_invardiff": "runtime",
+    "cache_context": "runtime",
+    "invardiff_cache_contents": "runtime",
+    "invardiff_stats": "runtime",
+    "remove_invardiff": "runtime",
+    "reset_invardiff": "runtime",
+    "UnsupportedModelError": "adapters",
+    "get_adapter": "adapters",
+    "layers": "adapters",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .adapters import UnsupportedModelError, get_adapter, layers
+    from .policy import CachePolicy, InvarDiffPolicy, NoCache
+    from .recorder import RateRecorder
+    from .runtime import (
+        CacheStats,
+        apply_invardiff,
+        cache_context,
+        invardiff_cache_contents,
+        invardiff_stats,
+        remove_invardiff,
+        reset_invardiff,
+    )

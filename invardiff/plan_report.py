@@ -1,0 +1,153 @@
+"""Human-facing views of a plan: the text of ``invardiff plan show`` and heatmaps like the paper's Fig. 4."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from invardiff.calibration import STEP, bits, effective_modules, reuse_share
+from invardiff.plan import FORMAT, Plan
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Plan cells: 0 = compute, 1 = reused because the whole step is gated, 2 = reused layer-wise in a computed step.
+_PLAN_COLORS = ["#f4f4f4", "#9cb9e0", "#1f4e9c"]
+
+
+def format_plan(plan: Plan, *, show_modules: bool = False) -> str:
+    """The text of ``invardiff plan show``; ``show_modules`` adds every family's (step x layer) bit grid."""
+    sig, summary = plan.signature, plan.summary()
+    taus = "  ".join(f"{name} {tau:g}" for name, tau in summary["taus"].items())
+    lines = [
+        f"plan        {plan.plan_id}  ({FORMAT}, created {plan.created_at})",
+        f"pipeline    {sig.architecture}  {sig.model_id!r}  {sig.model_fingerprint}",
+        f"            {sig.scheduler}, {sig.num_inference_steps} steps, {sig.height}x{sig.width}, "
+        f"guidance {sig.guidance_mode} {sig.guidance_scale:g}, {sig.dtype}",
+        f"taus        {taus}",
+        f"nonskip     {plan.nonskip_rate:g} -> the first {summary['warmup_steps']} step(s) always compute",
+        f"step gate   {summary['gated_steps']}/{summary['steps']} steps gated, "
+        f"longest gated run {summary['longest_gated_run']}",
+        f"            {summary['step_gate']}",
+    ]
+    if plan.modules:
+        width = max(len(family) for family in [*plan.modules, "attn&context_attn"])
+        lines.append(f"reuse       {'family':<{width}}  layers   grid  non-gated rows")
+        rows = dict(summary["reuse_share"])
+        effective = effective_modules(plan.modules)
+        if effective.keys() >= {"attn", "context_attn"}:
+            # What the runtime really skips: the joint attention call needs both books to agree (§4.4).
+            rows["attn&context_attn"] = reuse_share(plan.step_gate, {"joint": effective["attn"]})["joint"]
+        for family, share in rows.items():
+            layers = plan.modules[family].shape[1] if family in plan.modules else sig.layers["attn"]
+            grid, partial = share["grid"], share["non_gated_rows"]
+            lines.append(f"            {family:<{width}}  {layers:>6}  {grid:>5.1%}  {partial:>14.1%}")
+    speedup = summary["ideal_speedup"]
+    lines.append(f"speedup     {speedup:.2f}x ideal (counts module evaluations only: embeddings, norms, head are free)")
+    if plan.calibration:
+        lines.append(f"calibration {_describe_mapping(plan.calibration)}")
+    recorded = [phase for phase in ("rho_phase1", "rho_phase2") if getattr(plan, phase) is not None]
+    lines.append(f"rates       {', '.join(recorded) if recorded else 'not recorded'}")
+    if show_modules:
+        for family, book in plan.modules.items():
+            lines.append(f"\nmodules.{family}  (rows = steps, columns = layers, 1 = reuse)")
+            lines.extend(f"  {k:>4}  {bits(row)}" for k, row in enumerate(book))
+    return "\n".join(lines)
+
+
+def write_heatmaps(plan: Plan, out_dir: str | os.PathLike, *, dpi: int = 120) -> list[Path]:
+    """Write ``rho_phase1.png``, ``rho_phase2.png`` (when recorded) and ``plan.png`` to ``out_dir``.
+
+    Every figure has a step strip on top and one (layer x step) panel per family below, so the
+    rates and the reuse decisions they led to can be laid side by side. Returns the paths written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for phase in ("rho_phase1", "rho_phase2"):
+        rho = getattr(plan, phase)
+        if rho is not None:
+            title = f"{plan.plan_id}: {phase} (mean relative change rate; grey = placeholder or missing)"
+            written.append(_save(_rates_figure(rho, title), out_dir / f"{phase}.png", dpi))
+    gated = plan.step_gate[:, None]
+    panels = {STEP: plan.step_gate.astype(float)}
+    panels.update({family: np.where(book, np.where(gated, 1.0, 2.0), 0.0) for family, book in plan.modules.items()})
+    title = (
+        f"{plan.plan_id}: plan, {int(plan.step_gate.sum())}/{plan.num_steps} steps gated "
+        "(light = gated step, dark = layer-wise reuse, white = compute)"
+    )
+    figure = _panels_figure(panels, title, cmap=_PLAN_COLORS, vmin=0.0, vmax=2.0)
+    written.append(_save(figure, out_dir / "plan.png", dpi))
+    return written
+
+
+def _rates_figure(rho: Mapping[str, np.ndarray], title: str) -> Figure:
+    panels = {}
+    for name, values in rho.items():
+        values = np.array(values, dtype=np.float64)
+        values[[0, -1]] = np.nan  # rows 0 and T-1 are placeholders (1.0), not measurements
+        panels[name] = values
+    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in panels.values()])
+    # A robust shared scale: rho is scale-free across families, and a few outliers would wash out the rest.
+    low, high = np.percentile(finite, [2, 98]) if finite.size else (0.0, 2.0)
+    if high - low < 1e-6:
+        low, high = low - 0.05, high + 0.05
+    return _panels_figure(panels, title, cmap="viridis", vmin=float(low), vmax=float(high), colorbar="rho")
+
+
+def _panels_figure(
+    panels: Mapping[str, np.ndarray],
+    title: str,
+    *,
+    cmap: str | Sequence[str],  # a colormap name, or one color per integer value
+    vmin: float,
+    vmax: float,
+    colorbar: str | None = None,
+) -> Figure:
+    # Imported here so `invardiff plan show` does not pay for matplotlib; Agg needs no display.
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    num_steps = len(next(iter(panels.values())))
+    heights = [1.0 if values.ndim == 1 else max(2.0, values.shape[1] / 6) for values in panels.values()]
+    figure = Figure(figsize=(max(6.0, 0.16 * num_steps + 2.5), 0.9 + 0.45 * sum(heights)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    colormap = matplotlib.colormaps[cmap] if isinstance(cmap, str) else ListedColormap(cmap)
+    colormap = colormap.with_extremes(bad="#c8c8c8")
+    image = None
+    for ax, (name, values) in zip(axes, panels.items(), strict=True):
+        grid = np.ma.masked_invalid(values.T if values.ndim == 2 else values[None, :])  # layers up, steps across
+        image = ax.imshow(
+            grid, aspect="auto", interpolation="nearest", origin="lower", cmap=colormap, vmin=vmin, vmax=vmax
+        )
+        ax.set_ylabel(name if values.ndim == 1 else f"{name}\nlayer", rotation=0, ha="right", va="center")
+        if values.ndim == 1:
+            ax.set_yticks([])
+    axes[-1].set_xlabel("inference step (0 = noisiest)")
+    figure.suptitle(title, fontsize="medium")
+    if colorbar and image is not None:
+        figure.colorbar(image, ax=list(axes), label=colorbar, shrink=0.9)
+    return figure
+
+
+def _save(figure: Figure, path: Path, dpi: int) -> Path:
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
+def _describe_mapping(values: Mapping[str, Any]) -> str:
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):
+            value = f"[{len(value)} items]"
+        elif isinstance(value, Mapping):
+            value = f"{{{len(value)} keys}}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)

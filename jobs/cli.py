@@ -1,0 +1,301 @@
+"""The `invardiff` command line.
+
+Heavy libraries (torch, diffusers, ray) are imported inside commands, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="invardiff",
+    help=(
+        "Synthesize image datasets with diffusion transformers on Ray, 2-3x cheaper per image with "
+        "InvarDiff caching.\n\n"
+        "Quick start (embedded digits model, local Ray):\n\n"
+        "  invardiff generate --classes 0-9 --per-class 8 --seed 0 --out out/digits\n\n"
+        "  invardiff calibrate --out plan.json\n\n"
+        "  invardiff generate --classes 0-9 --per-class 8 --seed 0 --plan plan.json --out out/cached"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+plan_app = typer.Typer(help="Inspect InvarDiff plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: printed as one clear message, exit code 2."""
+
+
+MODEL_HELP = (
+    "Model: 'digits' (embedded class-conditional DiT, the default), 'tiny-dit', 'tiny-flux', or a "
+    "diffusers-layout DiT-XL/2 or FLUX.1 checkpoint as a local path or URI (s3://...)."
+)
+
+
+def _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg):
+    from jobs.ray_runtime import storage_options_for
+    from pipelines.build import GeneratorConfig
+
+    return GeneratorConfig(
+        model=model,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        dtype=dtype,
+        device=device,
+        height=height,
+        width=width,
+        true_cfg_scale=true_cfg,
+        storage_options=storage_options_for(model),
+    )
+
+
+def _manifest_schema(model: str):
+    from jobs.manifest import ManifestSchema
+    from pipelines import digits
+
+    if model == "digits":
+        return ManifestSchema("class_label", num_classes=digits.NUM_CLASSES)
+    if model == "tiny-flux":
+        return ManifestSchema("prompt")
+    if model == "tiny-dit":
+        from pipelines.tiny import tiny_dit
+
+        return ManifestSchema("class_label", num_classes=tiny_dit(seed=0).config.num_embeds_ada_norm)
+    from pipelines.build import detect_architecture
+    from pipelines.fetch import local_model_dir
+
+    from jobs.ray_runtime import storage_options_for
+
+    model_dir = local_model_dir(model, storage_options=storage_options_for(model) or None)
+    if detect_architecture(model_dir) == "flux":
+        return ManifestSchema("prompt")
+    config_file = model_dir / "transformer" / "config.json"
+    if not config_file.exists():
+        config_file = model_dir / "config.json"
+    return ManifestSchema("class_label", num_classes=json.loads(config_file.read_text())["num_embeds_ada_norm"])
+
+
+def _load_plan_json(plan: Optional[str]) -> Optional[str]:
+    if plan is None or plan == "none":
+        return None
+    from invardiff.plan import Plan
+    from jobs.ray_runtime import storage_options_for
+
+    return Plan.load(plan, storage_options=storage_options_for(plan) or None).to_json()
+
+
+@app.command()
+def generate(
+    out: str = typer.Option(..., "--out", help="Output directory or URI (s3://bucket/run1) for the Parquet files."),
+    manifest: Optional[str] = typer.Option(
+        None, "--manifest", help="Parquet or JSONL manifest (local path or URI): id, seed, class_label or prompt."
+    ),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="Instead of a manifest: class ids to draw, e.g. '0-9' or '1,3,7'."
+    ),
+    per_class: int = typer.Option(8, "--per-class", help="With --classes: images per class."),
+    prompt: Optional[list[str]] = typer.Option(
+        None, "--prompt", help="Instead of a manifest (FLUX models): a prompt; repeat the flag for more."
+    ),
+    per_prompt: int = typer.Option(1, "--per-prompt", help="With --prompt: images per prompt."),
+    seed: int = typer.Option(0, "--seed", help="With --classes/--prompt: seed of the first row; row i gets seed+i."),
+    model: str = typer.Option("digits", "--model", help=MODEL_HELP),
+    plan: Optional[str] = typer.Option(
+        None, "--plan", help="InvarDiff plan (JSON path or URI) to cache with. Omit for uncached generation."
+    ),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when Ray has GPUs)."),
+    height: Optional[int] = typer.Option(None, "--height", help="FLUX only: image height."),
+    width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
+    true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale (>1 runs cond and uncond)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per model call on one actor."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Generation actors (default: one per GPU, or 1 on CPU)."
+    ),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
+    ),
+    rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Minimum rows per Parquet file."),
+):
+    """Generate images into Parquet with a Ray Data job: one row per manifest row (PNG + metrics).
+
+    Rerunning with the same --out generates only the ids that are not there yet.
+    """
+    from jobs.generate import run_generate
+    from jobs.manifest import class_manifest, parse_class_range, prompt_manifest, read_manifest
+    from jobs.ray_runtime import storage_options_for
+
+    sources = [s for s in (manifest, classes, prompt) if s]
+    if len(sources) != 1:
+        raise UserError("give exactly one of --manifest, --classes or --prompt")
+    if manifest:
+        table = read_manifest(manifest, storage_options=storage_options_for(manifest))
+    elif classes:
+        table = class_manifest(parse_class_range(classes), per_class, seed)
+    else:
+        table = prompt_manifest(list(prompt), per_prompt, seed)
+    schema = _manifest_schema(model)
+    summary = run_generate(
+        table,
+        out,
+        _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg),
+        schema=schema,
+        plan_json=_load_plan_json(plan),
+        batch_size=batch_size,
+        workers=workers,
+        address=address,
+        rows_per_file=rows_per_file,
+    )
+    typer.echo(
+        f"wrote {summary.rows_written} rows to {summary.out} ({summary.errors} errors, "
+        f"{summary.rows_skipped} already there) in {summary.seconds:.1f}s: "
+        f"{summary.images_per_second:.2f} images/s on {summary.workers} {summary.device} worker(s)"
+    )
+    if summary.errors:
+        raise typer.Exit(1)
+
+
+def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
+    taus = {}
+    for item in values or []:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            taus[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--tau takes FAMILY=VALUE (e.g. step=0.6 or attn=0.2), got {item!r}") from None
+        if not 0.0 <= taus[name.strip()] <= 1.0:
+            raise UserError(f"--tau {item}: a tau is a quantile in [0, 1]")
+    return taus
+
+
+@app.command()
+def calibrate(
+    out: str = typer.Option(..., "--out", help="Where to write the plan JSON (local path or URI)."),
+    preset: str = typer.Option(
+        "balanced", "--preset", help="Tau preset: fast, balanced or quality (see `invardiff plan presets`)."
+    ),
+    tau: Optional[list[str]] = typer.Option(
+        None, "--tau", help="Override one tau, FAMILY=VALUE (families: step, attn, ff for DiT). Repeatable."
+    ),
+    nonskip: Optional[float] = typer.Option(None, "--nonskip", min=0.0, max=1.0, help="Warm-up fraction of steps."),
+    runs: int = typer.Option(16, "--runs", min=1, help="Calibration runs (class labels or prompts, each its own seed)."),
+    seed: int = typer.Option(10_000, "--seed", min=0, help="Seed of the first calibration run."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Calibration runs per forward batch."),
+    provisional_mode: str = typer.Option(
+        "full", "--provisional-mode", help="Phase-1 plan that drives the phase-2 correction: full or dit-legacy."
+    ),
+    model: str = typer.Option("digits", "--model", help=MODEL_HELP),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps the plan is for."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale the plan is for."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+    height: Optional[int] = typer.Option(None, "--height", help="FLUX only: image height."),
+    width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
+    true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale."),
+):
+    """Calibrate an InvarDiff plan in this process: uncached runs, two phases, one validated plan file.
+
+    A plan is tied to the model weights, scheduler, steps, resolution, guidance and dtype it was calibrated
+    with; `generate --plan` refuses it for anything else.
+    """
+    from invardiff.plan_report import format_plan
+    from jobs.ray_runtime import storage_options_for
+    from pipelines.build import build_generator
+    from pipelines.calibration import TauBundle, calibrate as run_calibration, calibration_requests
+
+    if provisional_mode not in ("full", "dit-legacy"):
+        raise UserError(f"--provisional-mode must be full or dit-legacy, got {provisional_mode!r}")
+    generator = build_generator(_generator_config(model, steps, guidance, dtype, device, height, width, true_cfg))
+    try:
+        bundle = TauBundle.from_preset(generator.architecture, preset)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    overrides = _parse_taus(tau)
+    unknown = sorted(set(overrides) - set(bundle.taus))
+    if unknown:
+        raise UserError(f"--tau: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                        f"this model has {', '.join(bundle.taus)}")
+    name = bundle.name if not overrides and nonskip is None else f"{bundle.name}+custom"
+    bundle = TauBundle(
+        taus={**bundle.taus, **overrides},
+        nonskip_rate=bundle.nonskip_rate if nonskip is None else nonskip,
+        name=name,
+    )
+    requests = calibration_requests(generator, runs=runs, seed=seed)
+    typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, two phases", err=True)
+    plan = run_calibration(
+        generator, bundle, requests, batch_size=batch_size, provisional_mode=provisional_mode,
+        progress=lambda msg: typer.echo(f"  {msg}", err=True),
+    )
+    plan.save(out, storage_options=storage_options_for(out) or None)
+    typer.echo(format_plan(plan))
+    typer.echo(f"wrote plan {plan.plan_id} to {out}")
+
+
+@plan_app.command("show")
+def plan_show(
+    plan: str = typer.Argument(..., help="Plan JSON (local path or URI)."),
+    heatmaps: Optional[Path] = typer.Option(
+        None, "--heatmaps", help="Directory for the PNG heatmaps (default: PLAN-heatmaps/ next to a local plan)."
+    ),
+    modules: bool = typer.Option(False, "--modules", help="Also print the per-layer module books."),
+):
+    """Print a plan's gated steps, reuse share per family and longest reuse run; write rho/plan heatmaps."""
+    from invardiff.plan import Plan
+    from invardiff.plan_report import format_plan, write_heatmaps
+    from jobs.ray_runtime import storage_options_for
+
+    loaded = Plan.load(plan, storage_options=storage_options_for(plan) or None)
+    typer.echo(format_plan(loaded, show_modules=modules))
+    if heatmaps is None:
+        local = Path(plan)
+        heatmaps = local.with_name(local.stem + "-heatmaps") if "://" not in plan else Path(f"plan-{loaded.plan_id}-heatmaps")
+    for path in write_heatmaps(loaded, heatmaps):
+        typer.echo(f"wrote {path}")
+
+
+@plan_app.command("presets")
+def plan_presets(architecture: str = typer.Option("dit", "--architecture", help="dit or flux.")):
+    """List the named tau presets."""
+    from invardiff.presets import PRESETS
+
+    if architecture not in PRESETS:
+        raise UserError(f"--architecture must be one of {', '.join(PRESETS)}")
+    for name, preset in PRESETS[architecture].items():
+        taus = ", ".join(f"{k}={v:g}" for k, v in preset["taus"].items())
+        typer.echo(f"{name:22s} nonskip={preset['nonskip_rate']:g}  {taus}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from jobs.manifest import ManifestError
+
+    known = (UserError, ManifestError, FileNotFoundError)
+    try:
+        from invardiff.plan import PlanError, PlanMismatchError
+
+        known = known + (PlanError, PlanMismatchError)
+    except ImportError:
+        pass
+    try:
+        app()
+    except known as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

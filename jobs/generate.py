@@ -1,0 +1,186 @@
+"""The generation job: manifest -> Ray Data actors running a cached diffusion pipeline -> Parquet.
+
+    read + validate manifest (driver)   ->   skip ids already in the output (resume)
+    -> from_arrow -> map_batches(GenerateBatch, ActorPoolStrategy)  ->  write_parquet (local or s3://)
+
+Each actor loads the model once, validates the plan against its own pipeline and attaches the cache
+hooks; each call generates one batch with per-row seeds and returns one output row per manifest row
+(an error row, with the reason, if the batch failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from jobs import outputs
+from jobs.manifest import ManifestSchema, validate_manifest
+from pipelines.build import GeneratorConfig
+
+log = logging.getLogger("invardiff")
+
+
+@dataclass
+class GenerateSummary:
+    out: str
+    rows_in_manifest: int
+    rows_skipped: int  # already present in the output from an earlier run
+    rows_written: int
+    errors: int
+    seconds: float
+    workers: int
+    device: str
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.rows_written - self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_policy(plan_json: str | None):
+    from invardiff.policy import InvarDiffPolicy, NoCache
+
+    if plan_json is None:
+        return NoCache()
+    from invardiff.plan import Plan
+
+    return InvarDiffPolicy(Plan.from_json(plan_json))
+
+
+class GenerateBatch:
+    """Ray Data callable class: one instance per actor, the model loaded once in __init__."""
+
+    def __init__(self, generator_config: dict, plan_json: str | None = None, torch_threads: int | None = None):
+        import ray
+        import torch
+
+        from pipelines.build import build_generator
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.generator = build_generator(GeneratorConfig(**generator_config))
+        self.policy = make_policy(plan_json)
+        if plan_json is not None:
+            self.policy.plan.check_compatible(self.generator.signature())
+        self.policy.attach(self.generator.transformer)
+        context = ray.get_runtime_context()
+        self.node_id = context.get_node_id()
+        self.worker_id = context.get_actor_id() or f"pid-{__import__('os').getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipelines.base import Request
+        from pipelines.runner import run_batch
+
+        manifest = batch.to_pylist()
+        requests = [
+            Request(id=r["id"], seed=int(r["seed"]), class_label=r.get("class_label"), prompt=r.get("prompt"))
+            for r in manifest
+        ]
+        finished_at = None
+        try:
+            generated = run_batch(self.generator, requests, self.policy).rows
+            error = None
+        except Exception as e:  # one bad batch must not lose the rest of the job; the rows say why
+            log.exception("batch failed")
+            generated = [{} for _ in requests]
+            error = f"{type(e).__name__}: {e}"
+        finished_at = time.time()
+        rows = []
+        for source, out in zip(manifest, generated):
+            row = dict(source)
+            row.update(out)
+            row.update(node_id=self.node_id, worker_id=self.worker_id, finished_at=finished_at, error=error)
+            rows.append(row)
+        return outputs.rows_to_table(rows, manifest_schema=batch.schema)
+
+
+def _split_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def run_generate(
+    manifest: pa.Table,
+    out: str,
+    generator_config: GeneratorConfig,
+    *,
+    schema: ManifestSchema,
+    plan_json: str | None = None,
+    batch_size: int = 16,
+    workers: int | None = None,
+    address: str | None = None,
+    rows_per_file: int | None = None,
+) -> GenerateSummary:
+    """Generate every manifest row not yet present under `out`. Validation happens before Ray starts."""
+    import ray
+
+    from jobs.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray, filesystem_for
+
+    manifest = validate_manifest(manifest, schema)
+    done = outputs.existing_ids(out)
+    todo = manifest.filter(pa.compute.invert(pa.compute.is_in(manifest.column("id"), pa.array(sorted(done), pa.string())))) if done else manifest
+    rows_skipped = manifest.num_rows - todo.num_rows
+    if todo.num_rows == 0:
+        log.warning("all %d rows are already in %s; nothing to do", manifest.num_rows, out)
+        return GenerateSummary(out, manifest.num_rows, rows_skipped, 0, 0, 0.0, 0, "none")
+
+    ensure_ray(address)
+    gpus = cluster_gpus() if generator_config.device in (None, "cuda") else 0
+    config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
+    if workers is None:
+        workers = max(1, gpus) if gpus else 1
+    cpus = cluster_cpus()
+    # Leave CPU for the read and write tasks: an actor pool holding every CPU deadlocks Ray Data (notes).
+    actor_cpus = min(1.0, max(0.25, (cpus - 1) / workers)) if not gpus else 1.0
+    torch_threads = None if gpus else max(1, int(cpus // workers))
+
+    # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
+    rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.num_rows / (workers * 2))))
+    ds = ray.data.from_arrow(_split_blocks(todo, rows_per_block))
+    ds = ds.map_batches(
+        GenerateBatch,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpus else 0,
+        num_cpus=actor_cpus,
+        fn_constructor_kwargs=dict(
+            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads
+        ),
+    )
+    fs, path = filesystem_for(out)
+    log.warning(
+        "generating %d images (%d already in %s) with %d %s actor(s), batch size %d",
+        todo.num_rows, rows_skipped, out, workers, "GPU" if gpus else "CPU", batch_size,
+    )
+    started = time.perf_counter()
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
+    seconds = time.perf_counter() - started
+
+    written = outputs.read_outputs(out, columns=["id", "error", "device"])
+    new = written.filter(pa.compute.is_in(written.column("id"), todo.column("id")))
+    errors = int(pa.compute.sum(pa.compute.is_valid(new.column("error"))).as_py() or 0)
+    devices = sorted(set(new.column("device").drop_null().to_pylist())) or ["?"]
+    return GenerateSummary(
+        out=out,
+        rows_in_manifest=manifest.num_rows,
+        rows_skipped=rows_skipped,
+        rows_written=new.num_rows,
+        errors=errors,
+        seconds=seconds,
+        workers=workers,
+        device=",".join(devices),
+    )
+
+
+def _with_device(config: GeneratorConfig, device: str) -> GeneratorConfig:
+    from dataclasses import replace
+
+    return replace(config, device=device)
+
+
+def ids_array(table: pa.Table) -> np.ndarray:
+    return np.asarray(table.column("id").to_pylist(), dtype=object)

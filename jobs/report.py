@@ -1,0 +1,666 @@
+"""Cost per image, speedup and quality of a generation run, from its output Parquet.
+
+`invardiff report OUT_DIR_OR_URI --out REPORT_DIR` reads the rows `invardiff generate` wrote (local or
+s3://, the columns of docs/contracts.md) and writes report.md, report.html (self-contained) and PNG plots.
+
+How the numbers are made (everything comes from what the rows measured, nothing is estimated):
+  * images: rows without an error. Error rows are counted and their reasons listed.
+  * device time: the sum of `latency_s` over all rows. `latency_s` is a batch's generation time divided
+    by its size, i.e. each image's share of its device's time. Error rows' time is included: it was paid.
+  * cost: device time x the device's price per hour (configs/prices.yaml, by `device_name`, `cpu` for
+    CPU rows). $ per image = total cost / images.
+  * wall time: first batch start to last finish. A batch started at finished_at - latency_s x batch_size.
+  * speedup (with a baseline run of the same manifest, uncached): rows joined on `id`; the ratio of
+    summed device time, the median of per-image ratios, the cost ratio, and PSNR/SSIM of the cached PNGs
+    against the baseline PNGs on a deterministic sample of ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import typer
+
+if TYPE_CHECKING:  # pandas costs about a second to import; the CLI loads this module on every call.
+    import pandas as pd
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "id",
+    "latency_s",
+    "batch_size",
+    "steps_total",
+    "steps_computed",
+    "module_evals_total",
+    "module_evals_computed",
+    "device",
+    "device_name",
+    "node_id",
+    "finished_at",
+    "error",
+)
+# Shown when present; the report does not depend on them.
+DESCRIPTIVE_COLUMNS: tuple[str, ...] = ("model_id", "policy", "plan_id", "worker_id", "seed", "peak_memory_bytes")
+# Per-image quality columns a generation job may add (e.g. fidelity to a reference computed in the job).
+FIDELITY_COLUMNS: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "lpips")
+
+DEFAULT_PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
+DEFAULT_FIDELITY_SAMPLE = 1000
+CPU_PRICE_KEY = "cpu"
+
+
+class ReportInputError(ValueError):
+    """The run (or its baseline, or a price table) cannot be reported on; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prices
+
+
+def load_prices(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, float]:
+    """USD per device-hour by device key, from a prices YAML (default configs/prices.yaml) plus
+    `DEVICE=USD_PER_HOUR` overrides."""
+    import yaml
+
+    source = Path(path) if path is not None else DEFAULT_PRICES_PATH
+    try:
+        document = yaml.safe_load(source.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ReportInputError(f"cannot read prices from {source}: {error}") from error
+    table = document.get("usd_per_hour") if isinstance(document, dict) else None
+    if not isinstance(table, dict):
+        raise ReportInputError(f"{source}: expected a mapping 'usd_per_hour: {{DEVICE: USD_PER_HOUR}}'")
+    prices = {str(key): _price_value(value, f"{source}: {key}") for key, value in table.items()}
+    prices.update(parse_price_override(text) for text in overrides)
+    return prices
+
+
+def parse_price_override(text: str) -> tuple[str, float]:
+    """'H100=2.10' -> ('H100', 2.1)."""
+    key, sep, value = text.rpartition("=")
+    if not sep or not key.strip():
+        raise ReportInputError(f"--price {text!r}: expected DEVICE=USD_PER_HOUR, e.g. H100=2.10")
+    return key.strip(), _price_value(value, f"--price {text}")
+
+
+def _price_value(value: Any, where: str) -> float:
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        raise ReportInputError(f"{where}: price {value!r} is not a number") from None
+    if not math.isfinite(price) or price < 0:
+        raise ReportInputError(f"{where}: price must be a non-negative number, got {value!r}")
+    return price
+
+
+def price_key_for(device: str, device_name: str, prices: Mapping[str, float]) -> str | None:
+    """The price-table key for a row's device, or None when the table has no price for it.
+
+    Exact device name first; `cpu` for CPU rows; otherwise the longest key found in the device name
+    as a whole token ("A100" in "NVIDIA A100-SXM4-80GB", but "L4" not in "NVIDIA L40S").
+    """
+    by_lower = {key.lower(): key for key in prices}
+    name = (device_name or "").strip()
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    if (device or "").lower().startswith("cpu"):
+        return by_lower.get(CPU_PRICE_KEY)
+    lowered_name = name.lower()
+    matches = [
+        key
+        for lower, key in by_lower.items()
+        if lower != CPU_PRICE_KEY and re.search(rf"(?<![a-z0-9]){re.escape(lower)}(?![a-z0-9])", lowered_name)
+    ]
+    return max(matches, key=len) if matches else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the output
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """The Parquet files of one run, and their merged schema."""
+
+    uri: str
+    filesystem: Any
+    paths: tuple[str, ...]
+    columns: frozenset[str]
+    schema: Any  # pyarrow.Schema
+
+    def dataset(self):
+        import pyarrow.dataset as ds
+
+        return ds.dataset(list(self.paths), schema=self.schema, filesystem=self.filesystem, format="parquet")
+
+    def read(self, columns: Sequence[str], ids: Sequence[str] | None = None) -> pd.DataFrame:
+        """The given columns (those present), optionally only for some ids. Never the whole PNG column
+        unless asked: a million-image run holds tens of GB of PNG bytes."""
+        import pyarrow.compute as pc
+
+        wanted = [name for name in columns if name in self.columns]
+        row_filter = pc.field("id").isin(list(ids)) if ids is not None else None
+        return self.dataset().to_table(columns=wanted, filter=row_filter).to_pandas()
+
+
+def _is_data_file(relative: str) -> bool:
+    # Ray and Spark leave _SUCCESS, .crc and _checkpoint/ entries next to the data; skip hidden parts.
+    parts = relative.split("/")
+    return relative.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in parts)
+
+
+def open_output(uri: str, storage_options: Mapping[str, Any] | None = None, role: str = "output") -> OutputFiles:
+    """Find the Parquet files of a run (a directory/prefix or one file) and check the contract columns."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    filesystem, root = fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+    if not filesystem.exists(root):
+        raise ReportInputError(f"{role} {uri} does not exist")
+    if filesystem.isdir(root):
+        prefix = root.rstrip("/") + "/"
+        paths = sorted(p for p in filesystem.find(root) if _is_data_file(p[len(prefix) :]))
+    else:
+        paths = [root]
+    if not paths:
+        raise ReportInputError(f"{role} {uri} holds no .parquet files")
+
+    # A large run is thousands of files; reading their footers one by one from S3 would take minutes.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(lambda path: pq.read_schema(path, filesystem=filesystem), paths))
+    _check_required_columns(uri, role, paths, schemas)
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise ReportInputError(f"{role} {uri}: files disagree on column types: {error}") from error
+    return OutputFiles(str(uri), filesystem, tuple(paths), frozenset(schema.names), schema)
+
+
+def _check_required_columns(uri: str, role: str, paths: Sequence[str], schemas: Sequence[Any]) -> None:
+    missing_by_file = {
+        path: [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        for path, schema in zip(paths, schemas, strict=True)
+    }
+    incomplete = {path: missing for path, missing in missing_by_file.items() if missing}
+    if not incomplete:
+        return
+    missing = sorted({column for columns in incomplete.values() for column in columns}, key=REQUIRED_COLUMNS.index)
+    example = next(iter(incomplete))
+    raise ReportInputError(
+        f"{role} {uri} lacks required column(s) {', '.join(missing)} "
+        f"({len(incomplete)} of {len(paths)} file(s), e.g. {example.rsplit('/', 1)[-1]}). "
+        f"A report needs: {', '.join(REQUIRED_COLUMNS)} (docs/contracts.md, 'Output rows')."
+    )
+
+
+def read_rows(files: OutputFiles) -> pd.DataFrame:
+    """Every column the report uses, except the PNG bytes."""
+    return files.read([*REQUIRED_COLUMNS, *DESCRIPTIVE_COLUMNS, *FIDELITY_COLUMNS])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-row accounting
+
+
+def annotate_rows(rows: pd.DataFrame, prices: Mapping[str, float]) -> pd.DataFrame:
+    """Add ok, started_at, price_key, usd_per_hour and cost_usd to each row."""
+    import pandas as pd
+
+    rows = rows.copy()
+    error_text = rows["error"].astype("string")
+    rows["ok"] = (error_text.isna() | (error_text.str.len() == 0)).astype(bool)
+    rows["latency_s"] = pd.to_numeric(rows["latency_s"], errors="coerce").fillna(0.0).astype(float)
+    rows["batch_size"] = pd.to_numeric(rows["batch_size"], errors="coerce").fillna(1).clip(lower=1)
+    rows["finished_at"] = pd.to_datetime(rows["finished_at"], utc=True)
+    # Every image of a batch finishes together; the batch took latency_s x batch_size of wall time.
+    rows["started_at"] = rows["finished_at"] - pd.to_timedelta(rows["latency_s"] * rows["batch_size"], unit="s")
+    rows["device"] = rows["device"].fillna("").astype(str)
+    rows["device_name"] = rows["device_name"].fillna("unknown").astype(str)
+    rows["node_id"] = rows["node_id"].fillna("unknown").astype(str)
+    pairs = rows[["device", "device_name"]].drop_duplicates().itertuples(index=False)
+    key_of = {(pair.device, pair.device_name): price_key_for(pair.device, pair.device_name, prices) for pair in pairs}
+    keys = [key_of[(d, n)] for d, n in zip(rows["device"], rows["device_name"], strict=True)]
+    rows["price_key"] = keys
+    rows["usd_per_hour"] = np.array([prices[key] if key is not None else np.nan for key in keys], dtype=float)
+    rows["cost_usd"] = rows["latency_s"] / 3600.0 * rows["usd_per_hour"]
+    return rows
+
+
+def _total_cost(costs: pd.Series) -> float | None:
+    """The sum, or None when any row is unpriced: a partial sum would understate the cost."""
+    return None if costs.isna().any() else float(costs.sum())
+
+
+def _per_image(total: float | None, images: int) -> float | None:
+    return total / images if total is not None and images > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report model
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """Images, device time and cost of the rows sharing one device name or one node."""
+
+    name: str
+    images: int
+    errors: int
+    device_seconds: float
+    mean_latency_s: float | None
+    cost_usd: float | None
+    cost_per_image_usd: float | None
+    usd_per_hour: float | None  # None when unpriced or when the group mixes prices
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """count, and mean/median/min/max over finite values; `identical` counts infinite PSNRs."""
+
+    count: int
+    mean: float | None
+    median: float | None
+    minimum: float | None
+    maximum: float | None
+    identical: int = 0
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    uri: str
+    matched_images: int
+    latency_speedup: float  # summed baseline device time / summed cached device time, same ids
+    median_image_speedup: float | None
+    cost_ratio: float | None  # cached cost / baseline cost, same ids
+    baseline_cost_per_image_usd: float | None
+    cached_cost_per_image_usd: float | None
+    fidelity: dict[str, MetricSummary]
+    fidelity_images: int
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    out_uri: str
+    rows: int
+    images: int
+    error_rows: int
+    error_reasons: tuple[tuple[str, int], ...]
+    duplicate_ids: int
+    started_at: pd.Timestamp | None
+    finished_at: pd.Timestamp | None
+    wall_seconds: float | None
+    device_seconds: float
+    total_cost_usd: float | None
+    cost_per_image_usd: float | None
+    images_per_second: float | None
+    images_per_device_hour: float | None
+    steps_computed: int
+    steps_total: int
+    module_evals_computed: int
+    module_evals_total: int
+    by_device: tuple[GroupCost, ...]
+    by_node: tuple[GroupCost, ...]
+    quality: dict[str, MetricSummary]
+    baseline: BaselineComparison | None
+    unpriced_devices: tuple[str, ...]
+    prices_used: dict[str, float]
+    models: tuple[str, ...] = ()
+    policies: tuple[str, ...] = ()
+    plan_ids: tuple[str, ...] = ()
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def step_reuse(self) -> float | None:
+        return 1.0 - self.steps_computed / self.steps_total if self.steps_total else None
+
+    @property
+    def module_reuse(self) -> float | None:
+        return 1.0 - self.module_evals_computed / self.module_evals_total if self.module_evals_total else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def summarize_group(name: str, group: pd.DataFrame) -> GroupCost:
+    ok = group[group["ok"]]
+    images = len(ok)
+    cost = _total_cost(group["cost_usd"])
+    rates = group["usd_per_hour"].unique()
+    single_rate = float(rates[0]) if len(rates) == 1 and not np.isnan(rates[0]) else None
+    return GroupCost(
+        name=name,
+        images=images,
+        errors=int((~group["ok"]).sum()),
+        device_seconds=float(group["latency_s"].sum()),
+        mean_latency_s=float(ok["latency_s"].mean()) if images else None,
+        cost_usd=cost,
+        cost_per_image_usd=_per_image(cost, images),
+        usd_per_hour=single_rate,
+        devices=tuple(sorted(group["device_name"].unique())),
+    )
+
+
+def summarize_groups(rows: pd.DataFrame, column: str) -> tuple[GroupCost, ...]:
+    return tuple(summarize_group(str(name), group) for name, group in rows.groupby(column, sort=True))
+
+
+def summarize_metric(values: Iterable[float]) -> MetricSummary:
+    array = np.asarray(list(values), dtype=float)
+    array = array[~np.isnan(array)]
+    finite = array[np.isfinite(array)]
+    identical = int(np.isposinf(array).sum())
+    if not len(finite):
+        return MetricSummary(len(array), None, None, None, None, identical)
+    return MetricSummary(
+        count=len(array),
+        mean=float(finite.mean()),
+        median=float(np.median(finite)),
+        minimum=float(finite.min()),
+        maximum=float(finite.max()),
+        identical=identical,
+    )
+
+
+def _distinct(rows: pd.DataFrame, column: str) -> tuple[str, ...]:
+    if column not in rows:
+        return ()
+    return tuple(sorted(str(value) for value in rows[column].dropna().unique()))
+
+
+def summarize_run(uri: str, rows: pd.DataFrame, prices: Mapping[str, float]) -> Report:
+    ok = rows[rows["ok"]]
+    images = len(ok)
+    timed = rows.dropna(subset=["finished_at"])
+    started = timed["started_at"].min() if len(timed) else None
+    finished = timed["finished_at"].max() if len(timed) else None
+    wall = (finished - started).total_seconds() if started is not None else None
+    device_seconds = float(rows["latency_s"].sum())
+    total_cost = _total_cost(rows["cost_usd"])
+    errors = rows.loc[~rows["ok"], "error"].astype(str).value_counts()
+    unpriced = rows.loc[rows["price_key"].isna(), "device_name"].unique()
+    return Report(
+        out_uri=uri,
+        rows=len(rows),
+        images=images,
+        error_rows=len(rows) - images,
+        error_reasons=tuple((str(reason), int(count)) for reason, count in errors.items()),
+        duplicate_ids=int(ok["id"].duplicated().sum()),
+        started_at=started,
+        finished_at=finished,
+        wall_seconds=wall,
+        device_seconds=device_seconds,
+        total_cost_usd=total_cost,
+        cost_per_image_usd=_per_image(total_cost, images),
+        images_per_second=images / wall if wall else None,
+        images_per_device_hour=images / (device_seconds / 3600.0) if device_seconds > 0 else None,
+        steps_computed=int(ok["steps_computed"].sum()),
+        steps_total=int(ok["steps_total"].sum()),
+        module_evals_computed=int(ok["module_evals_computed"].sum()),
+        module_evals_total=int(ok["module_evals_total"].sum()),
+        by_device=summarize_groups(rows, "device_name"),
+        by_node=summarize_groups(rows, "node_id"),
+        quality={name: summarize_metric(ok[name]) for name in FIDELITY_COLUMNS if name in ok},
+        baseline=None,
+        unpriced_devices=tuple(sorted(unpriced)),
+        prices_used={key: prices[key] for key in sorted(rows["price_key"].dropna().unique())},
+        models=_distinct(ok, "model_id"),
+        policies=_distinct(ok, "policy"),
+        plan_ids=_distinct(ok, "plan_id"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image fidelity (numpy): cached vs baseline PNG of the same id
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 array (H, W, C); grayscale stays one channel, alpha is dropped."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        mode = "L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+        array = np.asarray(image.convert(mode))
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB over all pixels and channels; inf for identical images."""
+    mse = np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def _gaussian_window(size: int, sigma: float = 1.5) -> np.ndarray:
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    weights = np.exp(-(offsets**2) / (2.0 * sigma**2))
+    return weights / weights.sum()
+
+
+def _filter_valid(image: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Separable 'valid' filtering of an (H, W) image: only positions where the window fits."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    rows = sliding_window_view(image, len(window), axis=0) @ window
+    return sliding_window_view(rows, len(window), axis=1) @ window
+
+
+def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
+    """Structural similarity (Wang et al. 2004): Gaussian window sigma 1.5, 11x11, K1 0.01, K2 0.03,
+    mean over window positions and channels. Images smaller than 11 px use the largest odd window that
+    fits (at least 3 px)."""
+    height, width = reference.shape[:2]
+    size = min(11, height, width)
+    size -= 1 - size % 2  # odd
+    if size < 3:
+        raise ValueError(f"image {height}x{width} is too small for SSIM")
+    window = _gaussian_window(size)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    channels = []
+    for channel in range(reference.shape[2]):
+        x = reference[:, :, channel].astype(np.float64)
+        y = test[:, :, channel].astype(np.float64)
+        mu_x, mu_y = _filter_valid(x, window), _filter_valid(y, window)
+        var_x = _filter_valid(x * x, window) - mu_x**2
+        var_y = _filter_valid(y * y, window) - mu_y**2
+        cov = _filter_valid(x * y, window) - mu_x * mu_y
+        index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+        channels.append(index.mean())
+    return float(np.mean(channels))
+
+
+def fidelity_sample(ids: Iterable[str], size: int | None) -> list[str]:
+    """A deterministic, well-spread subset: ids ordered by a hash of themselves, first `size`."""
+    ordered = sorted((str(i) for i in ids), key=lambda i: hashlib.sha256(i.encode()).digest())
+    return ordered if size is None else ordered[:size]
+
+
+def image_fidelity(
+    current: OutputFiles, baseline: OutputFiles, ids: Sequence[str]
+) -> tuple[dict[str, MetricSummary], int, list[str]]:
+    """PSNR and SSIM of the cached images against the baseline's, for the given ids."""
+    cached_png = current.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
+    baseline_png = baseline.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
+    psnrs, ssims, notes = [], [], []
+    shape_mismatches = 0
+    for image_id in ids:
+        cached_bytes, baseline_bytes = cached_png.get(image_id), baseline_png.get(image_id)
+        if cached_bytes is None or baseline_bytes is None:
+            continue
+        cached, reference = decode_png(cached_bytes), decode_png(baseline_bytes)
+        if cached.shape != reference.shape:
+            shape_mismatches += 1
+            continue
+        psnrs.append(psnr(reference, cached))
+        ssims.append(ssim(reference, cached))
+    if shape_mismatches:
+        notes.append(f"{shape_mismatches} image(s) differ in size from the baseline and were not compared")
+    summaries = {"psnr": summarize_metric(psnrs), "ssim": summarize_metric(ssims)} if psnrs else {}
+    return summaries, len(psnrs), notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baseline comparison
+
+
+def compare_with_baseline(
+    current_rows: pd.DataFrame,
+    baseline_rows: pd.DataFrame,
+    current: OutputFiles,
+    baseline: OutputFiles,
+    max_fidelity_images: int | None = DEFAULT_FIDELITY_SAMPLE,
+) -> BaselineComparison:
+    cached = current_rows[current_rows["ok"]].drop_duplicates("id", keep="last").set_index("id")
+    reference = baseline_rows[baseline_rows["ok"]].drop_duplicates("id", keep="last").set_index("id")
+    ids = cached.index.intersection(reference.index)
+    if not len(ids):
+        raise ReportInputError(
+            f"baseline {baseline.uri} shares no successful image id with {current.uri}; "
+            "it must be a run of the same manifest"
+        )
+    cached, reference = cached.loc[ids], reference.loc[ids]
+    notes = _baseline_notes(cached, reference, len(current_rows[current_rows["ok"]]), len(ids))
+
+    cached_seconds = float(cached["latency_s"].sum())
+    positive = cached["latency_s"] > 0
+    per_image = reference.loc[positive, "latency_s"] / cached.loc[positive, "latency_s"]
+    cached_cost, baseline_cost = _total_cost(cached["cost_usd"]), _total_cost(reference["cost_usd"])
+
+    fidelity, fidelity_images = {}, 0
+    if "png" in current.columns and "png" in baseline.columns:
+        sample = fidelity_sample(ids, max_fidelity_images)
+        fidelity, fidelity_images, fidelity_notes = image_fidelity(current, baseline, sample)
+        notes.extend(fidelity_notes)
+    else:
+        notes.append("no png column in both runs: image fidelity not computed")
+
+    return BaselineComparison(
+        uri=baseline.uri,
+        matched_images=len(ids),
+        latency_speedup=float(reference["latency_s"].sum()) / cached_seconds if cached_seconds > 0 else math.inf,
+        median_image_speedup=float(per_image.median()) if len(per_image) else None,
+        cost_ratio=cached_cost / baseline_cost if cached_cost is not None and baseline_cost else None,
+        baseline_cost_per_image_usd=_per_image(baseline_cost, len(ids)),
+        cached_cost_per_image_usd=_per_image(cached_cost, len(ids)),
+        fidelity=fidelity,
+        fidelity_images=fidelity_images,
+        notes=tuple(notes),
+    )
+
+
+def _baseline_notes(cached: pd.DataFrame, reference: pd.DataFrame, cached_images: int, matched: int) -> list[str]:
+    notes = []
+    if cached_images > matched:
+        notes.append(f"{cached_images - matched} image(s) of this run have no successful baseline row")
+    if "policy" in reference:
+        baseline_policies = sorted({str(p) for p in reference["policy"].dropna().unique()} - {"none"})
+        if baseline_policies:
+            notes.append(f"baseline rows use cache policy {', '.join(baseline_policies)}, not 'none'")
+    if "seed" in cached and "seed" in reference:
+        differing = int((cached["seed"] != reference["seed"]).sum())
+        if differing:
+            notes.append(f"{differing} matched id(s) have different seeds: not the same manifest rows")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_report(
+    out_uri: str,
+    report_dir: str | Path,
+    prices: Mapping[str, float] | None = None,
+    baseline_uri: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    max_fidelity_images: int | None = DEFAULT_FIDELITY_SAMPLE,
+) -> Report:
+    """Read a run's output (and optionally an uncached baseline run), write report.md, report.html and
+    PNG plots to report_dir, and return the numbers. Inputs are checked before anything is written."""
+    from jobs import report_render
+
+    prices = dict(prices) if prices is not None else load_prices()
+    current = open_output(out_uri, storage_options)
+    baseline = open_output(baseline_uri, storage_options, role="baseline") if baseline_uri else None
+
+    rows = annotate_rows(read_rows(current), prices)
+    report = summarize_run(str(out_uri), rows, prices)
+    if baseline is not None:
+        baseline_rows = annotate_rows(read_rows(baseline), prices)
+        comparison = compare_with_baseline(rows, baseline_rows, current, baseline, max_fidelity_images)
+        report = dataclasses.replace(report, baseline=comparison)
+
+    plots = report_render.render_plots(report, rows)
+    documents = {
+        "report.md": report_render.render_markdown(report, plots).encode(),
+        "report.html": report_render.render_html(report, plots).encode(),
+    }
+    return dataclasses.replace(report, files=_write_outputs(Path(report_dir), {**plots, **documents}))
+
+
+def _write_outputs(report_dir: Path, contents: Mapping[str, bytes]) -> dict[str, Path]:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, data in contents.items():
+        path = report_dir / name
+        path.write_bytes(data)
+        written[name] = path
+    return written
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """'endpoint_url=http://127.0.0.1:9000' -> ('endpoint_url', 'http://...'); values are YAML scalars
+    (anon=true -> True)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ReportInputError(f"--storage-option {text!r}: expected KEY=VALUE")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed if isinstance(parsed, (bool, int, float)) else value
+
+
+def report_command(
+    out: str = typer.Argument(..., help="Run output: a directory, a .parquet file or an s3:// prefix"),
+    report_dir: Path = typer.Option(..., "--out", help="Directory for report.md, report.html and PNGs"),
+    prices_file: Path | None = typer.Option(None, "--prices", help="Prices YAML (default configs/prices.yaml)"),
+    price: list[str] | None = typer.Option(None, "--price", help="Override one price: DEVICE=USD_PER_HOUR"),
+    baseline: str | None = typer.Option(None, "--baseline", help="Uncached run of the same manifest"),
+    storage_option: list[str] | None = typer.Option(
+        None, "--storage-option", help="fsspec option KEY=VALUE, e.g. endpoint_url=http://minio:9000"
+    ),
+    fidelity_images: int = typer.Option(
+        DEFAULT_FIDELITY_SAMPLE, "--fidelity-images", min=1, help="Images compared with the baseline (sample)"
+    ),
+) -> None:
+    """Cost per image, throughput, caching and quality of a generation run."""
+    try:
+        prices = load_prices(prices_file, price or [])
+        # Same defaults as generate (AWS_ENDPOINT_URL etc. from the environment); --storage-option wins.
+        from jobs.ray_runtime import storage_options_for
+
+        options = {**storage_options_for(out), **dict(parse_storage_option(item) for item in storage_option or [])}
+        report = build_report(out, report_dir, prices, baseline, options, fidelity_images)
+    except ReportInputError as error:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=1) from None
+    from jobs.report_render import format_usd
+
+    typer.echo(
+        f"{report.images} images, {report.error_rows} error rows, "
+        f"{format_usd(report.cost_per_image_usd)} per image -> {report.files['report.html']}"
+    )

@@ -1,0 +1,513 @@
+"""Turn a `jobs.report.Report` into Markdown, self-contained HTML and PNG plots.
+
+Both documents are rendered from one list of sections, so they always say the same thing. The HTML
+embeds its plots as data URIs and its styles inline: one file that can be mailed or attached to a
+ticket, with no network access needed to open it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from jobs.report import GroupCost, MetricSummary, Report
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+PLOT_FILES = {
+    "latency_hist.png": "Per-image latency (device time per image) by device",
+    "cost_per_image.png": "Cost per image by device and by node",
+    "images_per_node.png": "Images finished per node over time",
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Number formatting
+
+
+def format_usd(value: float | None) -> str:
+    """Dollars with three significant digits below $1 (per-image costs are fractions of a cent)."""
+    if value is None:
+        return "n/a"
+    if value >= 100:
+        return f"${value:,.0f}"
+    if value >= 1:
+        return f"${value:,.2f}"
+    if value == 0:
+        return "$0"
+    return "$" + np.format_float_positional(value, precision=3, unique=False, fractional=False, trim="-")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def format_count(value: int) -> str:
+    return f"{value:,}"
+
+
+def format_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def format_fraction(part: int, whole: int) -> str:
+    """'30 of 50 (40.0% reused)'."""
+    if not whole:
+        return "n/a"
+    return f"{format_count(part)} of {format_count(whole)} ({100 * (1 - part / whole):.1f}% reused)"
+
+
+def format_metric(value: float | None, name: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if name == "psnr" else f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Document model: what both renderers draw
+
+
+@dataclass(frozen=True)
+class KeyValues:
+    items: Sequence[tuple[str, str, str]]  # (html id, label, value)
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    table_id: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Figure:
+    file_name: str
+    caption: str
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: Sequence[KeyValues | Table | Paragraph | Figure]
+
+
+def build_sections(report: Report, plot_names: Sequence[str]) -> list[Section]:
+    sections = [summary_section(report), caching_section(report), device_section(report), node_section(report)]
+    if report.quality:
+        sections.append(quality_section(report.quality))
+    if report.baseline is not None:
+        sections.append(baseline_section(report))
+    if report.error_reasons:
+        sections.append(errors_section(report))
+    sections.append(Section("Plots", [Figure(name, PLOT_FILES[name]) for name in plot_names]))
+    sections.append(method_section(report))
+    return sections
+
+
+def _joined(values: Sequence[str]) -> str:
+    return ", ".join(values) if values else "n/a"
+
+
+def _format_period(report: Report) -> str:
+    if report.started_at is None or report.finished_at is None:
+        return "n/a"
+    return f"{report.started_at:%Y-%m-%d %H:%M:%S} to {report.finished_at:%Y-%m-%d %H:%M:%S}"
+
+
+def summary_section(report: Report) -> Section:
+    per_thousand = report.cost_per_image_usd * 1000 if report.cost_per_image_usd is not None else None
+    throughput = "n/a"
+    if report.images_per_second is not None:
+        throughput = f"{report.images_per_second:.3g} images/s ({report.images_per_second * 3600:,.0f} images/h)"
+    per_device_hour = f"{report.images_per_device_hour:,.0f}" if report.images_per_device_hour is not None else "n/a"
+    items = [
+        ("run", "Run", report.out_uri),
+        ("models", "Models", _joined(report.models)),
+        ("policies", "Cache policies", _joined(report.policies)),
+        ("plans", "Plans", _joined(report.plan_ids)),
+        ("images", "Images", format_count(report.images)),
+        ("error-rows", "Error rows", format_count(report.error_rows)),
+        ("period", "Period (UTC)", _format_period(report)),
+        ("wall-time", "Wall time", format_duration(report.wall_seconds)),
+        ("throughput", "Throughput", throughput),
+        ("device-time", "Device time", format_duration(report.device_seconds)),
+        ("images-per-device-hour", "Images per device-hour", per_device_hour),
+        ("total-cost", "Total cost", format_usd(report.total_cost_usd)),
+        ("cost-per-image", "Cost per image", format_usd(report.cost_per_image_usd)),
+        ("cost-per-1k", "Cost per 1,000 images", format_usd(per_thousand)),
+    ]
+    blocks: list = [KeyValues(items)]
+    if report.unpriced_devices:
+        blocks.append(
+            Paragraph(
+                f"No price for {_joined(report.unpriced_devices)}, so costs that include them are n/a. "
+                "Add a price with --price 'NAME=USD_PER_HOUR' or in a --prices file."
+            )
+        )
+    if report.duplicate_ids:
+        blocks.append(Paragraph(f"{report.duplicate_ids} image id(s) appear more than once; each row was counted."))
+    return Section("Summary", blocks)
+
+
+def caching_section(report: Report) -> Section:
+    return Section(
+        "Caching",
+        [
+            KeyValues(
+                [
+                    ("steps", "Denoising steps computed", format_fraction(report.steps_computed, report.steps_total)),
+                    (
+                        "module-evals",
+                        "Module evaluations computed",
+                        format_fraction(report.module_evals_computed, report.module_evals_total),
+                    ),
+                ]
+            )
+        ],
+    )
+
+
+def _group_row(group: GroupCost, first: str) -> list[str]:
+    return [
+        first,
+        format_count(group.images),
+        format_count(group.errors),
+        format_duration(group.device_seconds),
+        format_duration(group.mean_latency_s),
+        format_usd(group.cost_usd),
+        format_usd(group.cost_per_image_usd),
+    ]
+
+
+_GROUP_HEADERS = ["Images", "Errors", "Device time", "Mean latency / image", "Cost", "Cost / image"]
+
+
+def device_section(report: Report) -> Section:
+    rows = []
+    for group in report.by_device:
+        row = _group_row(group, group.name)
+        row.insert(1, format_usd(group.usd_per_hour) + "/h" if group.usd_per_hour is not None else "n/a")
+        rows.append(row)
+    return Section("Cost by device", [Table(["Device", "Price", *_GROUP_HEADERS], rows, "by-device")])
+
+
+def node_section(report: Report) -> Section:
+    rows = []
+    for group in report.by_node:
+        row = _group_row(group, group.name)
+        row.insert(1, _joined(group.devices))
+        rows.append(row)
+    return Section("Cost by node", [Table(["Node", "Devices", *_GROUP_HEADERS], rows, "by-node")])
+
+
+def _metric_rows(metrics: Mapping[str, MetricSummary]) -> list[list[str]]:
+    return [
+        [
+            name,
+            format_count(summary.count),
+            format_metric(summary.mean, name),
+            format_metric(summary.median, name),
+            format_metric(summary.minimum, name),
+            format_metric(summary.maximum, name),
+            # Only PSNR can tell identical images apart (it is infinite for them).
+            format_count(summary.identical) if name == "psnr" else "–",
+        ]
+        for name, summary in metrics.items()
+    ]
+
+
+_METRIC_HEADERS = ["Metric", "Images", "Mean", "Median", "Min", "Max", "Identical"]
+
+
+def quality_section(quality: Mapping[str, MetricSummary]) -> Section:
+    return Section(
+        "Quality",
+        [
+            Paragraph(
+                "Per-image quality columns of the output rows. Identical images (infinite PSNR) are "
+                "counted apart and left out of the mean."
+            ),
+            Table(_METRIC_HEADERS, _metric_rows(quality), "quality"),
+        ],
+    )
+
+
+def baseline_section(report: Report) -> Section:
+    baseline = report.baseline
+    assert baseline is not None
+    blocks: list = [
+        KeyValues(
+            [
+                ("baseline", "Baseline run", baseline.uri),
+                ("matched", "Images compared", format_count(baseline.matched_images)),
+                ("speedup", "Device-time speedup", format_ratio(baseline.latency_speedup)),
+                ("median-speedup", "Median per-image speedup", format_ratio(baseline.median_image_speedup)),
+                ("cost-ratio", "Cost vs baseline", format_ratio(baseline.cost_ratio)),
+                (
+                    "baseline-cost-per-image",
+                    "Baseline cost per image",
+                    format_usd(baseline.baseline_cost_per_image_usd),
+                ),
+                ("cached-cost-per-image", "This run's cost per image", format_usd(baseline.cached_cost_per_image_usd)),
+            ]
+        )
+    ]
+    if baseline.fidelity:
+        blocks.append(
+            Paragraph(
+                f"Fidelity of this run's images to the baseline's, on {format_count(baseline.fidelity_images)} "
+                "image(s) of the same ids (PSNR in dB; SSIM with an 11-px Gaussian window)."
+            )
+        )
+        blocks.append(Table(_METRIC_HEADERS, _metric_rows(baseline.fidelity), "fidelity"))
+    blocks.extend(Paragraph(f"Note: {note}.") for note in baseline.notes)
+    return Section("Against the uncached baseline", blocks)
+
+
+def errors_section(report: Report) -> Section:
+    rows = [[reason, format_count(count)] for reason, count in report.error_reasons[:20]]
+    blocks: list = [Table(["Error", "Rows"], rows, "errors")]
+    if len(report.error_reasons) > 20:
+        blocks.append(Paragraph(f"… and {len(report.error_reasons) - 20} more distinct errors."))
+    return Section("Errors", blocks)
+
+
+def method_section(report: Report) -> Section:
+    prices = ", ".join(f"{key} {format_usd(value)}/h" for key, value in report.prices_used.items()) or "none"
+    return Section(
+        "How these numbers are made",
+        [
+            Paragraph(
+                "Device time is the sum of each row's latency_s (its batch's generation time divided by the "
+                "batch size), error rows included because their time was paid for. Cost is device time times "
+                f"the device's hourly price ({prices}); cost per image divides it by the images without error."
+            ),
+            Paragraph(
+                "Wall time runs from the first batch's start (finished_at minus latency_s × batch_size) to "
+                "the last row's finished_at. Speedups compare the same image ids in both runs."
+            ),
+        ],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines.extend("| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows)
+    return "\n".join(lines)
+
+
+def _md_block(block) -> str:
+    if isinstance(block, KeyValues):
+        return _md_table(["Measure", "Value"], [[f"**{label}**", value] for _, label, value in block.items])
+    if isinstance(block, Table):
+        return _md_table(block.headers, block.rows)
+    if isinstance(block, Figure):
+        return f"![{block.caption}]({block.file_name})"
+    return block.text
+
+
+def render_markdown(report: Report, plots: Mapping[str, bytes]) -> str:
+    parts = [f"# InvarDiff run report\n\n`{report.out_uri}`"]
+    for section in build_sections(report, list(plots)):
+        parts.append(f"## {section.title}")
+        parts.extend(_md_block(block) for block in section.blocks)
+    return "\n\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# HTML
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
+       padding: 0 1rem; color: #1d2330; }
+h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem;
+       border-bottom: 1px solid #d8dce4; padding-bottom: 0.2rem; }
+code { background: #f2f4f8; padding: 0.1rem 0.3rem; border-radius: 3px; }
+table { border-collapse: collapse; margin: 0.6rem 0; } th, td { padding: 0.3rem 0.7rem; text-align: left;
+       border-bottom: 1px solid #e6e9ef; } th { background: #f6f7fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.25rem 1.5rem; }
+dt { color: #5a6272; } dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; }
+figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #e6e9ef; }
+figcaption { color: #5a6272; font-size: 0.9rem; }
+"""
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _looks_numeric(text: str) -> bool:
+    return bool(text) and (text[0].isdigit() or text[0] == "$")
+
+
+def _html_block(block, plots: Mapping[str, bytes]) -> str:
+    if isinstance(block, KeyValues):
+        items = "".join(f'<dt>{_e(label)}</dt><dd id="{_e(key)}">{_e(value)}</dd>' for key, label, value in block.items)
+        return f"<dl>{items}</dl>"
+    if isinstance(block, Table):
+        head = "".join(f"<th>{_e(h)}</th>" for h in block.headers)
+        body = "".join(
+            "<tr>"
+            + "".join(
+                f'<td class="num">{_e(c)}</td>' if i and _looks_numeric(c) else f"<td>{_e(c)}</td>"
+                for i, c in enumerate(row)
+            )
+            + "</tr>"
+            for row in block.rows
+        )
+        return f'<table id="{_e(block.table_id)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    if isinstance(block, Figure):
+        data = base64.b64encode(plots[block.file_name]).decode("ascii")
+        return (
+            f'<figure id="{_e(block.file_name.removesuffix(".png"))}">'
+            f'<img alt="{_e(block.caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{_e(block.caption)}</figcaption></figure>"
+        )
+    return f"<p>{_e(block.text)}</p>"
+
+
+def render_html(report: Report, plots: Mapping[str, bytes]) -> str:
+    body = [f"<h1>InvarDiff run report</h1><p><code>{_e(report.out_uri)}</code></p>"]
+    for section in build_sections(report, list(plots)):
+        body.append(f"<section><h2>{_e(section.title)}</h2>")
+        body.extend(_html_block(block, plots) for block in section.blocks)
+        body.append("</section>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>InvarDiff report: {_e(report.out_uri)}</title><style>{_STYLE}</style></head>"
+        f"<body>{''.join(body)}</body></html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot state, no display needed)
+
+
+def _new_figure(width: float = 7.5, height: float = 4.0):
+    from matplotlib.figure import Figure as MplFigure
+
+    return MplFigure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _short(name: str, width: int = 14) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _empty_note(axes, text: str) -> None:
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="#5a6272")
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def plot_latency_histogram(rows: pd.DataFrame) -> bytes:
+    figure = _new_figure()
+    axes = figure.subplots()
+    ok = rows[rows["ok"]]
+    if ok.empty:
+        _empty_note(axes, "no images")
+    else:
+        edges = np.histogram_bin_edges(ok["latency_s"], bins=min(50, max(5, len(ok) // 4)))
+        for device_name, group in ok.groupby("device_name", sort=True):
+            axes.hist(group["latency_s"], bins=edges, alpha=0.6, label=f"{device_name} ({len(group)})")
+        axes.set_xlabel("latency per image (s)")
+        axes.set_ylabel("images")
+        axes.legend(fontsize="small")
+    axes.set_title("Latency per image")
+    return _png(figure)
+
+
+def _cost_bars(axes, groups: Sequence[GroupCost], title: str) -> None:
+    if not groups:
+        _empty_note(axes, "no rows")
+        axes.set_title(title)
+        return
+    labels = [_short(group.name, 22) for group in groups]
+    values = [group.cost_per_image_usd or 0.0 for group in groups]
+    positions = np.arange(len(groups))
+    axes.barh(positions, values, color="#4c72b0")
+    axes.set_yticks(positions, labels)
+    axes.invert_yaxis()
+    for position, group in zip(positions, groups, strict=True):
+        axes.text(values[position], position, " " + format_usd(group.cost_per_image_usd), va="center", fontsize="small")
+    axes.set_xlabel("USD per image")
+    axes.set_xlim(0, max(values) * 1.35 or 1)
+    axes.set_title(title)
+
+
+def plot_cost_per_image(report: Report) -> bytes:
+    figure = _new_figure(width=10, height=max(3.0, 0.45 * max(len(report.by_device), len(report.by_node)) + 1.5))
+    device_axes, node_axes = figure.subplots(1, 2)
+    _cost_bars(device_axes, report.by_device, "by device")
+    _cost_bars(node_axes, report.by_node, "by node")
+    return _png(figure)
+
+
+def plot_images_per_node(rows: pd.DataFrame) -> bytes:
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _new_figure()
+    axes = figure.subplots()
+    ok = rows[rows["ok"]].dropna(subset=["finished_at"])
+    if ok.empty:
+        _empty_note(axes, "no images")
+    else:
+        start = rows["started_at"].min()
+        for node_id, group in ok.groupby("node_id", sort=True):
+            minutes = np.sort((group["finished_at"] - start).dt.total_seconds().to_numpy() / 60.0)
+            axes.step(
+                np.concatenate([[0.0], minutes]),
+                np.arange(len(minutes) + 1),
+                where="post",
+                label=f"{_short(str(node_id))} ({len(minutes)})",
+            )
+        axes.set_xlabel("minutes since the first batch started")
+        axes.set_ylabel("images finished")
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.legend(fontsize="small")
+    axes.set_title("Images per node over time")
+    return _png(figure)
+
+
+def render_plots(report: Report, rows: pd.DataFrame) -> dict[str, bytes]:
+    return {
+        "latency_hist.png": plot_latency_histogram(rows),
+        "cost_per_image.png": plot_cost_per_image(report),
+        "images_per_node.png": plot_images_per_node(rows),
+    }
