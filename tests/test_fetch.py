@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers or transformers are imported
@@ -44,32 +40,6 @@ def memory_model(tiny_dit_dir):
     yield f"memory://{root}"
     if fs.exists(root):
         fs.rm(root, recursive=True)
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 HTTP endpoint on loopback: moto's server as a subprocess, not a mocked client."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    moto_server = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(moto_server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"moto_server did not start on {endpoint}") from None
-            time.sleep(0.1)
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

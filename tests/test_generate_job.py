@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -19,7 +18,6 @@ SCHEMA = ManifestSchema("class_label", num_classes=10)
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    from invardiff.plan import Plan
     from pipelines.build import build_generator
     from pipelines.calibration import TauBundle, calibrate, calibration_requests
 
