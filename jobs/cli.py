@@ -279,6 +279,51 @@ def plan_presets(architecture: str = typer.Option("dit", "--architecture", help=
         typer.echo(f"{name:22s} nonskip={preset['nonskip_rate']:g}  {taus}")
 
 
+# --- Cluster: submit / jobs / report. The command functions live in jobs/submit.py and jobs/report.py
+# (tested there against a fake Jobs API); here they only get their names and group help.
+from jobs import report as _report  # noqa: E402 - numpy + typer only; pandas/torch load inside the command
+from jobs import submit as _submit  # noqa: E402 - ray.job_submission loads only when a cluster is contacted
+
+submit_app = typer.Typer(
+    help=(
+        "Run `invardiff generate|calibrate ...` as a Ray job on a cluster (Ray Jobs API, dashboard port 8265).\n\n"
+        "Options this command does not know pass through to the remote command; the project directory is "
+        "shipped as the job's working_dir (without weights, outputs or environments).\n\n"
+        "  invardiff submit generate --address http://HEAD:8265 --wait -- --classes 0-9 --per-class 8 "
+        "--out s3://bucket/run1\n\n"
+        "  invardiff submit calibrate --address http://HEAD:8265 -- --workers 4 --store s3://bucket/plans\n\n"
+        "Clusters with token auth need RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH). A local test cluster: "
+        "cluster/local-multinode.sh start."
+    ),
+    no_args_is_help=True,
+)
+for _name in ("generate", "calibrate"):
+    submit_app.command(_name, context_settings=_submit.PASSTHROUGH_CONTEXT_SETTINGS)(_submit._submit_command_for(_name))
+app.add_typer(submit_app, name="submit")
+
+jobs_app = typer.Typer(
+    help=(
+        "Follow jobs submitted with `invardiff submit`: status, logs, stop, list.\n\n"
+        "  invardiff jobs logs raysubmit_XXXX --follow --address http://HEAD:8265"
+    ),
+    no_args_is_help=True,
+)
+jobs_app.command("status")(_submit.jobs_status_command)
+jobs_app.command("logs")(_submit.jobs_logs_command)
+jobs_app.command("stop")(_submit.jobs_stop_command)
+jobs_app.command("list")(_submit.jobs_list_command)
+app.add_typer(jobs_app, name="jobs")
+
+app.command(
+    "report",
+    epilog=(
+        "Example: invardiff report out/cached --baseline out/uncached --out reports/cached "
+        "--price H100=2.10. Writes report.md, report.html and PNG plots; nothing is written when an "
+        "input is bad."
+    ),
+)(_report.report_command)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from jobs.manifest import ManifestError

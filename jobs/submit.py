@@ -495,9 +495,17 @@ def _submit_command_for(subcommand: str):
         )
 
     command.__name__ = f"submit_{subcommand}_command"
+    example = (
+        "--classes 0-9 --per-class 8 --out s3://bucket/run1"
+        if subcommand == "generate"
+        else "--workers 4 --store s3://bucket/plans"
+    )
     command.__doc__ = (
         f"Run `invardiff {subcommand} ARGS...` on a Ray cluster. Options not listed here pass through "
-        "to the remote command (or put them after --)."
+        "to the remote command (or put them after --).\n\n"
+        f"  invardiff submit {subcommand} --address http://HEAD:8265 --wait -- {example}\n\n"
+        "Prints the job id and the `invardiff jobs logs|status` commands to follow it. Output paths are "
+        "read on the cluster: use s3:// (or a path every node shares), not a laptop directory."
     )
     return command
 
