@@ -85,14 +85,44 @@ is_running() {
   kill -0 "$pid" 2>/dev/null
 }
 
-# Start one node under `ray start --block` in its own session and record its PID.
+# A TCP port nothing listens on right now. Ray's per-node defaults are fixed numbers (dashboard agent
+# 52365, client server 10001): a second node on the same machine, or another Ray instance such as a
+# test session's, already holds them, and the node then comes up without its agent HTTP server, so
+# the Jobs API answers "No available agent to submit job".
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+port_open() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Start one node under `ray start --block` in its own session and record its PID and agent port.
 start_node() {
   local name="$1"
   shift
+  local agent_port
+  agent_port="$(free_port)"
   mkdir -p "$state_dir/$name"
+  echo "$agent_port" >"$state_dir/$name.agent-port"
   RAY_AUTH_MODE="$auth_mode" setsid ray start --block --node-ip-address=127.0.0.1 \
-    --temp-dir="$state_dir/$name" "$@" >"$state_dir/$name.log" 2>&1 </dev/null &
+    --temp-dir="$state_dir/$name" --dashboard-agent-listen-port="$agent_port" "$@" \
+    >"$state_dir/$name.log" 2>&1 </dev/null &
   echo $! >"$state_dir/$name.pid"
+}
+
+# Polls a port, not `ray list` (a Python start-up per poll, and it needs the dashboard too).
+wait_for_port() {
+  local port="$1" what="$2"
+  local waited=0
+  until port_open "$port"; do
+    for pid_file in $(pid_files); do
+      is_running "$pid_file" || die "node $(basename "$pid_file" .pid) exited; see ${pid_file%.pid}.log"
+    done
+    ((waited >= start_timeout * 10)) && die "$what did not open port $port in ${start_timeout}s"
+    sleep 0.1
+    waited=$((waited + 1))
+  done
 }
 
 # `ray list` prints the JSON on one line; count the node records, not the lines.
@@ -127,14 +157,18 @@ start_cluster() {
   trap 'echo "local-multinode: start failed; stopping the nodes it started" >&2; stop_cluster >&2' EXIT
 
   start_node head --head --port="$gcs_port" --dashboard-host=127.0.0.1 \
-    --dashboard-port="$dashboard_port" --num-cpus=0 --num-gpus=0
-  wait_for_nodes 1
+    --dashboard-port="$dashboard_port" --ray-client-server-port="$(free_port)" --num-cpus=0 --num-gpus=0
+  # Workers only need the GCS; they start while the head's dashboard is still coming up.
+  wait_for_port "$gcs_port" "the head's GCS"
 
   local i
   for ((i = 1; i <= workers; i++)); do
     start_node "worker-$i" --address="127.0.0.1:$gcs_port" --num-cpus="$cpus_per_worker" \
       --num-gpus="$gpus_per_worker" --resources="{\"local_worker_$i\": 1}"
   done
+  # Jobs are accepted once the dashboard and the head's agent (which runs job drivers) listen.
+  wait_for_port "$dashboard_port" "the dashboard"
+  wait_for_port "$(cat "$state_dir/head.agent-port")" "the head's dashboard agent"
   wait_for_nodes $((workers + 1))
   trap - EXIT
 
@@ -157,22 +191,40 @@ show_status() {
   done
 }
 
-stop_cluster() {
+# SIGTERM to the recorded `ray start --block` PIDs (each tears down its own node), then wait for all.
+stop_nodes() {
   local pid_file pid
-  # Workers first, so the head does not spend its last seconds reporting lost nodes.
-  for pid_file in $(pid_files | sort -r); do
+  local pids=()
+  for pid_file in "$@"; do
     pid="$(cat "$pid_file")"
     if kill -0 "$pid" 2>/dev/null; then
       kill -TERM "$pid"
-      # `ray start --block` kills its node's processes on SIGTERM; give it time to finish.
-      for _ in $(seq 1 30); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 1
-      done
-      kill -0 "$pid" 2>/dev/null && echo "local-multinode: pid $pid still running after 30s" >&2
+      pids+=("$pid")
     fi
-    rm -f "$pid_file"
   done
+  for _ in $(seq 1 300); do
+    local alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null && echo "local-multinode: pid $pid still running after 30s" >&2
+  done
+  for pid_file in "$@"; do
+    rm -f "$pid_file" "${pid_file%.pid}.agent-port"
+  done
+  return 0
+}
+
+stop_cluster() {
+  local pid_file
+  # Workers first (together), then the head, so the head does not spend its last seconds reporting
+  # lost nodes.
+  stop_nodes $(pid_files | grep -v '/head\.pid$' || true)
+  stop_nodes $(pid_files | grep '/head\.pid$' || true)
   echo "stopped the cluster recorded in $state_dir"
 }
 
