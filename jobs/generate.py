@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,6 +24,10 @@ from jobs.manifest import ManifestSchema, validate_manifest
 from pipelines.build import GeneratorConfig
 
 log = logging.getLogger("invardiff")
+
+# How long a job waits for its whole actor pool before failing (GPU nodes of an autoscaling cluster
+# can take minutes to appear).
+ACTOR_START_TIMEOUT_S = int(os.environ.get("INVARDIFF_ACTOR_START_TIMEOUT_S", "1800"))
 
 
 @dataclass
@@ -120,6 +125,19 @@ def run_generate(
     from jobs.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray, filesystem_for
 
     manifest = validate_manifest(manifest, schema)
+    # Resume is an anti-join of the manifest against the ids already in the output, not Ray Data's
+    # CheckpointConfig (ray.data.checkpoint, beta in 2.60), which we evaluated and do not use here:
+    #   * its planner only checkpoints read -> ... -> write plans; ours starts from_arrow (the manifest
+    #     is validated, or built from --classes/--prompt, on the driver before Ray starts), and it
+    #     silently disables itself otherwise;
+    #   * it keeps a second store next to the output (checkpoint_path, which must be cluster-shared:
+    #     a local path is only correct on one node). Deleting output files but not the checkpoint
+    #     would then skip ids that are nowhere, i.e. lose rows. Here the output is the only record;
+    #   * its two-phase commit buys nothing for Parquet files: a file is readable only once its
+    #     footer is written (an S3 object only once its upload completes), so a readable file is a
+    #     committed one, and existing_ids() deletes the unreadable leftovers of a killed write.
+    # Both need a unique id column and cost the same (every done id in memory once). One job per
+    # output at a time: a second job would delete the first one's files that are still being written.
     done = outputs.existing_ids(out)
     todo = manifest.filter(pa.compute.invert(pa.compute.is_in(manifest.column("id"), pa.array(sorted(done), pa.string())))) if done else manifest
     rows_skipped = manifest.num_rows - todo.num_rows
@@ -128,6 +146,10 @@ def run_generate(
         return GenerateSummary(out, manifest.num_rows, rows_skipped, 0, 0, 0.0, 0, "none")
 
     ensure_ray(address)
+    # Start generating only when the whole pool is up: otherwise the first actor to load the model
+    # takes most blocks of a small job, and on a cluster a node that cannot start its actor would go
+    # unnoticed while the job quietly runs at a fraction of its throughput.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     gpus = cluster_gpus() if generator_config.device in (None, "cuda") else 0
     config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
     if workers is None:
@@ -153,8 +175,8 @@ def run_generate(
     )
     fs, path = filesystem_for(out)
     log.warning(
-        "generating %d images (%d already in %s) with %d %s actor(s), batch size %d",
-        todo.num_rows, rows_skipped, out, workers, "GPU" if gpus else "CPU", batch_size,
+        "generating %d images (%d already in %s) with %d %s actor(s), batch size %d; output: %s",
+        todo.num_rows, rows_skipped, out, workers, "GPU" if gpus else "CPU", batch_size, out,
     )
     started = time.perf_counter()
     ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
@@ -164,6 +186,10 @@ def run_generate(
     new = written.filter(pa.compute.is_in(written.column("id"), todo.column("id")))
     errors = int(pa.compute.sum(pa.compute.is_valid(new.column("error"))).as_py() or 0)
     devices = sorted(set(new.column("device").drop_null().to_pylist())) or ["?"]
+    if errors:
+        reasons = pa.compute.value_counts(new.column("error").drop_null()).to_pylist()
+        for reason in reasons[:5]:
+            log.warning("%d row(s) failed: %s", reason["counts"], reason["values"])
     return GenerateSummary(
         out=out,
         rows_in_manifest=manifest.num_rows,

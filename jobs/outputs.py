@@ -58,7 +58,14 @@ def _parquet_files(uri: str) -> tuple[object, list[str]]:
     fs, root = fsspec.core.url_to_fs(uri, **storage_options_for(uri))
     if not fs.exists(root):
         return fs, []
-    return fs, sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    prefix = root.rstrip("/") + "/"
+    return fs, sorted(p for p in fs.find(root) if _is_data_file(p[len(prefix):]))
+
+
+def _is_data_file(relative: str) -> bool:
+    # Writers keep bookkeeping next to the data (_SUCCESS, .crc, Ray Data's _checkpoint/); those are
+    # not output rows, and the report skips the same entries.
+    return relative.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in relative.split("/"))
 
 
 def existing_ids(uri: str) -> set[str]:
