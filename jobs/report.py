@@ -436,48 +436,30 @@ def decode_png(data: bytes) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB over all pixels and channels; inf for identical images."""
-    mse = np.mean((reference.astype(np.float64) - test.astype(np.float64)) ** 2)
-    return math.inf if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+def psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """PSNR in dB of one uint8 image (H, W, C) against its reference; inf when they are identical."""
+    return float(_batch_metrics([reference], [test])[0][0])
 
 
-def _gaussian_window(size: int, sigma: float = 1.5) -> np.ndarray:
-    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    weights = np.exp(-(offsets**2) / (2.0 * sigma**2))
-    return weights / weights.sum()
+def ssim(reference: np.ndarray, test: np.ndarray) -> float:
+    """SSIM of one uint8 image (H, W, C) against its reference (evaluation.fidelity.ssim)."""
+    return float(_batch_metrics([reference], [test])[1][0])
 
 
-def _filter_valid(image: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Separable 'valid' filtering of an (H, W) image: only positions where the window fits."""
-    from numpy.lib.stride_tricks import sliding_window_view
+def _batch_metrics(references: Sequence[np.ndarray], tests: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """PSNR and SSIM of same-shaped uint8 (H, W, C) pairs, computed by evaluation.fidelity: the report
+    and the benchmarks must agree on what a dB or an SSIM point means, so there is one implementation.
 
-    rows = sliding_window_view(image, len(window), axis=0) @ window
-    return sliding_window_view(rows, len(window), axis=1) @ window
+    One difference is kept on purpose: fidelity caps identical images at 100 dB (the InvarDiff paper's
+    protocol); the report counts them apart (MetricSummary.identical) and gives them an infinite PSNR.
+    Exact equality decides, since for large images a one-level difference can also exceed 100 dB."""
+    from evaluation import fidelity  # torch: loaded only when a baseline is compared
 
-
-def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
-    """Structural similarity (Wang et al. 2004): Gaussian window sigma 1.5, 11x11, K1 0.01, K2 0.03,
-    mean over window positions and channels. Images smaller than 11 px use the largest odd window that
-    fits (at least 3 px)."""
-    height, width = reference.shape[:2]
-    size = min(11, height, width)
-    size -= 1 - size % 2  # odd
-    if size < 3:
-        raise ValueError(f"image {height}x{width} is too small for SSIM")
-    window = _gaussian_window(size)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    channels = []
-    for channel in range(reference.shape[2]):
-        x = reference[:, :, channel].astype(np.float64)
-        y = test[:, :, channel].astype(np.float64)
-        mu_x, mu_y = _filter_valid(x, window), _filter_valid(y, window)
-        var_x = _filter_valid(x * x, window) - mu_x**2
-        var_y = _filter_valid(y * y, window) - mu_y**2
-        cov = _filter_valid(x * y, window) - mu_x * mu_y
-        index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-        channels.append(index.mean())
-    return float(np.mean(channels))
+    x, y = np.stack(references), np.stack(tests)
+    psnrs = fidelity.psnr(x, y).astype(np.float64)
+    identical = (x == y).reshape(len(x), -1).all(axis=1)
+    psnrs[identical] = math.inf
+    return psnrs, fidelity.ssim(x, y).astype(np.float64)
 
 
 def fidelity_sample(ids: Iterable[str], size: int | None) -> list[str]:
@@ -494,6 +476,7 @@ def image_fidelity(
     baseline_png = baseline.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
     psnrs, ssims, notes = [], [], []
     shape_mismatches = 0
+    pairs_by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for image_id in ids:
         cached_bytes, baseline_bytes = cached_png.get(image_id), baseline_png.get(image_id)
         if cached_bytes is None or baseline_bytes is None:
@@ -502,8 +485,15 @@ def image_fidelity(
         if cached.shape != reference.shape:
             shape_mismatches += 1
             continue
-        psnrs.append(psnr(reference, cached))
-        ssims.append(ssim(reference, cached))
+        references, tests = pairs_by_shape.setdefault(cached.shape, ([], []))
+        references.append(reference)
+        tests.append(cached)
+    for references, tests in pairs_by_shape.values():
+        # Batches of a bounded size: a 1000-image sample of 1024 px RGB would be GBs as float tensors.
+        for start in range(0, len(references), 64):
+            batch_psnr, batch_ssim = _batch_metrics(references[start : start + 64], tests[start : start + 64])
+            psnrs.extend(batch_psnr.tolist())
+            ssims.extend(batch_ssim.tolist())
     if shape_mismatches:
         notes.append(f"{shape_mismatches} image(s) differ in size from the baseline and were not compared")
     summaries = {"psnr": summarize_metric(psnrs), "ssim": summarize_metric(ssims)} if psnrs else {}

@@ -232,11 +232,12 @@ def test_baseline_speedup_cost_ratio_and_fidelity(run_dir, baseline_dir, tmp_pat
     psnr_summary, ssim_summary = baseline.fidelity["psnr"], baseline.fidelity["ssim"]
     assert (psnr_summary.count, psnr_summary.identical) == (5, 2)  # r1 and r5 are unchanged
     finite_psnrs = [expected_psnr(5), expected_psnr(10), expected_psnr(4)]
-    assert psnr_summary.mean == pytest.approx(np.mean(finite_psnrs), rel=1e-12)
-    assert psnr_summary.minimum == pytest.approx(expected_psnr(10), rel=1e-12)
+    # evaluation.fidelity computes in float32: agreement to ~1e-6, not to the last bit.
+    assert psnr_summary.mean == pytest.approx(np.mean(finite_psnrs), rel=1e-5)
+    assert psnr_summary.minimum == pytest.approx(expected_psnr(10), rel=1e-5)
     ssims = [1.0, expected_flat_ssim(110, 105), expected_flat_ssim(120, 130), 1.0, expected_flat_ssim(140, 144)]
-    assert ssim_summary.mean == pytest.approx(np.mean(ssims), rel=1e-9)
-    assert ssim_summary.minimum == pytest.approx(expected_flat_ssim(120, 130), rel=1e-9)
+    assert ssim_summary.mean == pytest.approx(np.mean(ssims), rel=1e-4)  # float32 variance: ~3e-5 on flat images
+    assert ssim_summary.minimum == pytest.approx(expected_flat_ssim(120, 130), rel=1e-4)
 
     markdown = report.files["report.md"].read_text()
     assert "| **Device-time speedup** | 2.00× |" in markdown
@@ -310,17 +311,17 @@ def test_ssim_matches_an_independent_implementation_and_psnr_its_definition():
     rng = np.random.default_rng(0)
     reference = rng.integers(0, 256, size=(32, 24, 3), dtype=np.uint8)
     noisy = np.clip(reference.astype(int) + rng.integers(-20, 21, size=reference.shape), 0, 255).astype(np.uint8)
-    assert ssim(reference, noisy) == pytest.approx(reference_ssim(reference, noisy), rel=1e-9)
-    assert ssim(reference, reference) == pytest.approx(1.0, rel=1e-12)
+    assert ssim(reference, noisy) == pytest.approx(reference_ssim(reference, noisy), rel=1e-5)
+    assert ssim(reference, reference) == pytest.approx(1.0, rel=1e-6)
     mse = np.mean((reference.astype(float) - noisy.astype(float)) ** 2)
-    assert psnr(reference, noisy) == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-12)
+    assert psnr(reference, noisy) == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-5)
     assert psnr(reference, reference) == math.inf
 
 
 def test_ssim_of_flat_images_is_the_luminance_term():
     a = np.full((16, 16, 1), 120, dtype=np.uint8)
     b = np.full((16, 16, 1), 130, dtype=np.uint8)
-    assert ssim(a, b) == pytest.approx(expected_flat_ssim(120, 130), rel=1e-9)
+    assert ssim(a, b) == pytest.approx(expected_flat_ssim(120, 130), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------
