@@ -48,6 +48,8 @@ def format_usd(value: float | None) -> str:
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
+    if seconds < 1:  # a per-image latency on a GPU, or a tiny test run: "0.0 s" would hide it
+        return f"{seconds * 1000:.1f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
     if seconds < 7200:

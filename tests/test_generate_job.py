@@ -72,6 +72,18 @@ def test_cached_job_records_plan_and_counts(ray_local, tmp_path, tiny_plan):
         assert row["steps_computed"] == expected_steps < row["steps_total"] == 4
         assert row["module_evals_computed"] < row["module_evals_total"]
 
+    # `invardiff report` on the job's real output, against the uncached run of the same manifest.
+    from jobs.report import build_report
+
+    report = build_report(str(tmp_path / "cached"), tmp_path / "report", baseline_uri=str(tmp_path / "none"))
+    assert report.images == 4 and report.error_rows == 0 and report.duplicate_ids == 0
+    assert report.steps_computed == 4 * expected_steps and report.steps_total == 16
+    assert report.cost_per_image_usd > 0 and [g.name for g in report.by_device] == [cached[0]["device_name"]]
+    assert report.baseline.matched_images == 4 and report.baseline.notes == ()
+    assert report.baseline.fidelity["psnr"].count == 4 and report.baseline.fidelity["ssim"].count == 4
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Against the uncached baseline" in markdown and tiny_plan.plan_id in markdown
+
 
 def test_bad_manifest_fails_before_anything_is_written(tmp_path):
     manifest = pa.table({"id": ["a", "b"], "seed": [1, 2], "class_label": [0, 12]})
