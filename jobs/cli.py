@@ -84,6 +84,16 @@ def _manifest_schema(model: str):
     return ManifestSchema("class_label", num_classes=json.loads(config_file.read_text())["num_embeds_ada_norm"])
 
 
+def _resolve_latest_plan(store: Optional[str], config, address: Optional[str]) -> str:
+    from jobs.plan_store import resolve_latest
+
+    if not store:
+        raise UserError("--plan latest needs a plan store: pass --store DIR_OR_URI or set $INVARDIFF_PLAN_STORE")
+    plan = resolve_latest(store, config, address=address)
+    typer.echo(f"using plan {plan.plan_id} (latest in {store})", err=True)
+    return plan.to_json()
+
+
 def _load_plan_json(plan: Optional[str]) -> Optional[str]:
     if plan is None or plan == "none":
         return None
@@ -110,7 +120,11 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="With --classes/--prompt: seed of the first row; row i gets seed+i."),
     model: str = typer.Option("digits", "--model", help=MODEL_HELP),
     plan: Optional[str] = typer.Option(
-        None, "--plan", help="InvarDiff plan (JSON path or URI) to cache with. Omit for uncached generation."
+        None, "--plan", help="InvarDiff plan (JSON path or URI) to cache with, or 'latest': the store's latest plan "
+        "for this model and settings. Omit for uncached generation."
+    ),
+    store: Optional[str] = typer.Option(
+        None, "--store", envvar="INVARDIFF_PLAN_STORE", help="Plan store for --plan latest (directory or s3:// URI)."
     ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
@@ -151,7 +165,9 @@ def generate(
         out,
         _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg),
         schema=schema,
-        plan_json=_load_plan_json(plan),
+        plan_json=_resolve_latest_plan(store, _generator_config(model, steps, guidance, dtype, device, height, width,
+                                                                true_cfg), address) if plan == "latest"
+        else _load_plan_json(plan),
         batch_size=batch_size,
         workers=workers,
         address=address,
@@ -183,7 +199,24 @@ def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
 
 @app.command()
 def calibrate(
-    out: str = typer.Option(..., "--out", help="Where to write the plan JSON (local path or URI)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write the plan JSON (local path or URI)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Calibrate on Ray with this many workers (one GPU each when the cluster has GPUs)."
+    ),
+    store: Optional[str] = typer.Option(
+        None, "--store", help="Plan store (directory or s3:// URI): version the plan, move `latest` (implies Ray)."
+    ),
+    refresh: bool = typer.Option(
+        False, "--refresh", help="With --store: recalibrate even if a latest plan exists; compare, report drift, "
+        "promote only within --min-jaccard / --max-speedup-change (exit 3 when not promoted)."
+    ),
+    min_jaccard: float = typer.Option(0.6, "--min-jaccard", min=0.0, max=1.0, help="--refresh: least Jaccard "
+                                      "similarity of reuse masks (step gate and every family) to promote."),
+    max_speedup_change: float = typer.Option(0.25, "--max-speedup-change", min=0.0, help="--refresh: largest "
+                                             "relative change of the ideal speedup to promote."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="With --workers/--store: Ray address (default: $RAY_ADDRESS, else local Ray)."
+    ),
     preset: str = typer.Option(
         "balanced", "--preset", help="Tau preset: fast, balanced or quality (see `invardiff plan presets`)."
     ),
@@ -193,7 +226,10 @@ def calibrate(
     nonskip: Optional[float] = typer.Option(None, "--nonskip", min=0.0, max=1.0, help="Warm-up fraction of steps."),
     runs: int = typer.Option(16, "--runs", min=1, help="Calibration runs (class labels or prompts, each its own seed)."),
     seed: int = typer.Option(10_000, "--seed", min=0, help="Seed of the first calibration run."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Calibration runs per forward batch."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Calibration runs per forward batch, and per work chunk on Ray "
+        "(default: 16; on Ray, runs/workers up to 16). The plan is identical for any worker count at one batch size."
+    ),
     provisional_mode: str = typer.Option(
         "full", "--provisional-mode", help="Phase-1 plan that drives the phase-2 correction: full or dit-legacy."
     ),
@@ -206,9 +242,10 @@ def calibrate(
     width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale."),
 ):
-    """Calibrate an InvarDiff plan in this process: uncached runs, two phases, one validated plan file.
+    """Calibrate an InvarDiff plan: uncached runs, two phases, one validated plan.
 
-    A plan is tied to the model weights, scheduler, steps, resolution, guidance and dtype it was calibrated
+    --out alone runs in this process. --workers N and/or --store run on Ray and write a versioned plan to the
+    store (see jobs/calibrate.py); --refresh also writes a drift report next to it. A plan is tied to the model weights, scheduler, steps, resolution, guidance and dtype it was calibrated
     with; `generate --plan` refuses it for anything else.
     """
     from invardiff.plan_report import format_plan
@@ -218,26 +255,46 @@ def calibrate(
 
     if provisional_mode not in ("full", "dit-legacy"):
         raise UserError(f"--provisional-mode must be full or dit-legacy, got {provisional_mode!r}")
-    generator = build_generator(_generator_config(model, steps, guidance, dtype, device, height, width, true_cfg))
-    try:
-        bundle = TauBundle.from_preset(generator.architecture, preset)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     overrides = _parse_taus(tau)
-    unknown = sorted(set(overrides) - set(bundle.taus))
-    if unknown:
-        raise UserError(f"--tau: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
-                        f"this model has {', '.join(bundle.taus)}")
-    name = bundle.name if not overrides and nonskip is None else f"{bundle.name}+custom"
-    bundle = TauBundle(
-        taus={**bundle.taus, **overrides},
-        nonskip_rate=bundle.nonskip_rate if nonskip is None else nonskip,
-        name=name,
-    )
+
+    def make_bundle(architecture: str):
+        try:
+            bundle = TauBundle.from_preset(architecture, preset)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        unknown = sorted(set(overrides) - set(bundle.taus))
+        if unknown:
+            raise UserError(f"--tau: unknown famil{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                            f"this model has {', '.join(bundle.taus)}")
+        name = bundle.name if not overrides and nonskip is None else f"{bundle.name}+custom"
+        return TauBundle(
+            taus={**bundle.taus, **overrides},
+            nonskip_rate=bundle.nonskip_rate if nonskip is None else nonskip,
+            name=name,
+        )
+
+    if workers is not None or store is not None:
+        from jobs.calibrate import calibrate_command
+
+        code = calibrate_command(
+            _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg), make_bundle,
+            workers=1 if workers is None else workers, store=store, out=out, refresh=refresh, min_jaccard=min_jaccard,
+            max_speedup_change=max_speedup_change, runs=runs, seed=seed, batch_size=batch_size,
+            provisional_mode=provisional_mode, address=address,
+        )
+        if code:
+            raise typer.Exit(code)
+        return
+    if refresh:
+        raise UserError("--refresh compares against a plan store: give --store DIR_OR_URI")
+    if out is None:
+        raise UserError("give --out PLAN.json (single process) or --store DIR_OR_URI (Ray job, plan store)")
+    generator = build_generator(_generator_config(model, steps, guidance, dtype, device, height, width, true_cfg))
+    bundle = make_bundle(generator.architecture)
     requests = calibration_requests(generator, runs=runs, seed=seed)
     typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, two phases", err=True)
     plan = run_calibration(
-        generator, bundle, requests, batch_size=batch_size, provisional_mode=provisional_mode,
+        generator, bundle, requests, batch_size=batch_size or 16, provisional_mode=provisional_mode,
         progress=lambda msg: typer.echo(f"  {msg}", err=True),
     )
     plan.save(out, storage_options=storage_options_for(out) or None)
@@ -265,6 +322,16 @@ def plan_show(
         heatmaps = local.with_name(local.stem + "-heatmaps") if "://" not in plan else Path(f"plan-{loaded.plan_id}-heatmaps")
     for path in write_heatmaps(loaded, heatmaps):
         typer.echo(f"wrote {path}")
+
+
+@plan_app.command("list")
+def plan_list(store: str = typer.Option(..., "--store", envvar="INVARDIFF_PLAN_STORE", help="Plan store.")):
+    """List a plan store: one key per model + pipeline signature, its versions, which one is latest."""
+    from jobs.plan_store import PlanStore, format_listing
+
+    plan_store = PlanStore(store)
+    plan_store.check_reachable()
+    typer.echo(format_listing(plan_store))
 
 
 @plan_app.command("presets")
@@ -335,6 +402,9 @@ def main() -> None:
         known = known + (PlanError, PlanMismatchError)
     except ImportError:
         pass
+    from jobs.plan_store import JobInputError
+
+    known = known + (JobInputError,)
     try:
         app()
     except known as e:
