@@ -391,6 +391,31 @@ app.command(
 )(_report.report_command)
 
 
+@app.command()
+def bench(
+    out: Path = typer.Option(..., "--out", help="Directory for table.md, pareto.png and results.json."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke run, one point per method (<= 5 min on 2 CPUs)."),
+    model: str = typer.Option("digits", "--model", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI."),
+    random_dit_xl: bool = typer.Option(False, "--random-dit-xl", help="DiT-XL/2 256px, random init (GPU timing)."),
+    images: Optional[int] = typer.Option(None, "--images", min=1, help="Evaluated images."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per timing round."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
+    lpips_weights: Optional[str] = typer.Option(None, "--lpips-weights", help="Local LPIPS backbone weights."),
+    fid_weights: Optional[str] = typer.Option(None, "--fid-weights", help="Local Inception weights for FID."),
+):
+    """Benchmark InvarDiff against diffusers' caches, cache-dit and simple baselines: speed vs fidelity."""
+    from benchmarks.bench import main as bench_main
+
+    argv = ["--out", str(out), "--model", model]
+    argv += ["--quick"] * quick + ["--random-dit-xl"] * random_dit_xl
+    for flag, value in (("--images", images), ("--batch-size", batch_size), ("--dtype", dtype),
+                        ("--device", device), ("--lpips-weights", lpips_weights), ("--fid-weights", fid_weights)):
+        if value is not None:
+            argv += [flag, str(value)]
+    bench_main(argv)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from jobs.manifest import ManifestError

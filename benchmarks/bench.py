@@ -1,0 +1,633 @@
+"""InvarDiff against the peer caching methods, on one model, seeds and classes.
+
+    invardiff bench [--quick] --out DIR
+    python -m benchmarks.bench [--quick] --out DIR [--model digits|tiny-dit|PATH] [--random-dit-xl]
+
+Rows: uncached; InvarDiff presets and a tau_step sweep (calibrated here, on seeds disjoint from the evaluated ones);
+diffusers' FirstBlockCache, TaylorSeer, MagCache (ratios computed here) and Pyramid Attention Broadcast;
+cache-dit's DBCache; fixed-interval reuse of whole steps and of attention/feed-forward outputs (FORA); fewer DDIM
+steps at the same compute.
+
+How it measures:
+* Speed. The evaluated images are cut into rounds of `batch_size`. Every round runs every method back to back,
+  in a rotated order, so each method's time has an uncached time taken moments apart on the same batch; the wall
+  speedup is the median over rounds of uncached / method denoising time. A warm-up batch per method is discarded.
+* Ideal speedup: attention and feed-forward evaluations counted while running (`peers.ModuleCounter`), uncached /
+  method. Nothing is derived from a method's own claims.
+* Fidelity: PSNR / SSIM / MS-SSIM of each image to the uncached image with the same seed and class.
+* On the digits model: digit-classifier accuracy and the Fréchet distance to the 1797 real digits in the
+  classifier's feature space.
+* Peak memory: CUDA allocator peak; on CPU, the peak of live tensor bytes during the warm-up batch (torch
+  profiler memory events), since the process RSS only ever grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+# The published InvarDiff step gates (method doc §4.6, computed from the authors' cache_books JSON); 1 = gated.
+PAPER_STEP_GATES = {
+    "dit-slow": "00110111111011110110001100110000011000111101111100",
+    "dit-fast": "00111111111111110110001100110000011100001101111100",
+    "flux-fast": "0010111111011101111111000000",
+    "flux-slow": "0000001111011101111111000000",
+}
+PAPER_GATED_STEPS = {"dit-slow": (29, 50), "dit-fast": (30, 50), "flux-fast": (17, 28), "flux-slow": (14, 28)}
+
+NO_LOCAL_WEIGHTS = "skipped: no local weights"
+LPIPS_WHY = "LPIPS needs an AlexNet/VGG backbone that lpips/torchmetrics download through torchvision"
+FID_WHY = "FID needs Inception weights that torch-fidelity/clean-fid download"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "digits"
+    images: int = 40  # evaluated images: seeds 0.., classes cycled
+    batch_size: int = 10  # one timing round
+    warmup_batch: int = 2
+    steps: int | None = None  # None: the model's default (DiT 50)
+    guidance: float | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    threads: int | None = 1  # one thread: on a shared 2-core box two threads oversubscribe and time 10x noisier
+    calibration_runs: int = 16
+    presets: tuple[str, ...] | None = None  # None: every DiT preset that exists
+    tau_steps: tuple[float, ...] = (0.4, 0.55, 0.7, 0.8)
+    fbc_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
+    taylorseer_intervals: tuple[int, ...] = (2, 3, 4)
+    mag_thresholds: tuple[float, ...] = (0.06, 0.12, 0.24)
+    pab_ranges: tuple[int, ...] = (2,)
+    dbcache_thresholds: tuple[float, ...] = (0.08, 0.16, 0.24)
+    step_intervals: tuple[int, ...] = (2, 3)
+    fora_intervals: tuple[int, ...] = (2, 3)
+    fewer_steps: tuple[int, ...] = (25, 17)
+    random_dit_xl: bool = False
+    lpips_weights: str | None = None
+    fid_weights: str | None = None
+
+
+FULL = BenchConfig()
+QUICK = replace(
+    FULL,
+    images=16,
+    batch_size=8,
+    warmup_batch=1,
+    calibration_runs=8,
+    presets=("fast", "quality"),
+    tau_steps=(0.45,),
+    fbc_thresholds=(0.1,),
+    taylorseer_intervals=(3,),
+    mag_thresholds=(0.12,),
+    pab_ranges=(2,),
+    dbcache_thresholds=(0.16,),
+    step_intervals=(2,),
+    fora_intervals=(2,),
+    fewer_steps=(25,),
+)
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str  # uncached | invardiff | invardiff-sweep | diffusers | cache-dit | baseline
+    policy: Any = None  # a CachePolicy; None for a row that was not run
+    steps: int | None = None  # sampler steps, when they differ from the reference's
+    skipped: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pareto front
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates, both coordinates to maximise, sorted by the first.
+
+    A point is dominated when another is at least as good in both and better in one. Points with a NaN or None
+    coordinate are never on the front. Equal points are all kept."""
+    valid = [
+        i for i, (x, y) in enumerate(points) if x is not None and y is not None and not (math.isnan(x) or math.isnan(y))
+    ]
+    front = []
+    for i in valid:
+        xi, yi = points[i]
+        if not any(
+            points[j][0] >= xi and points[j][1] >= yi and (points[j][0] > xi or points[j][1] > yi) for j in valid
+        ):
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+def dominated_by(point: tuple[float, float], others: Sequence[tuple[float, float]]) -> int | None:
+    """Index of the first of `others` at least as fast with strictly higher quality than `point`, else None."""
+    x, y = point
+    if x is None or y is None:
+        return None
+    for j, (xo, yo) in enumerate(others):
+        if xo is not None and yo is not None and xo >= x and yo > y:
+            return j
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the model and the methods
+
+
+def build(config: BenchConfig):
+    import torch
+
+    if config.threads and (config.device or "cpu") == "cpu" and not torch.cuda.is_available():
+        torch.set_num_threads(config.threads)
+    if config.random_dit_xl:
+        return random_dit_xl(config)
+    from pipelines.build import GeneratorConfig, build_generator
+
+    return build_generator(
+        GeneratorConfig(
+            model=config.model,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance,
+            dtype=config.dtype,
+            device=config.device,
+        )
+    )
+
+
+# DiT-XL/2 at 256 px (facebook/DiT-XL-2-256's transformer config), randomly initialised: for timing on a GPU
+# machine without the checkpoint. Its images are noise, so only the speed and count columns mean anything.
+DIT_XL_2_256 = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    sample_size=32,
+    patch_size=2,
+    num_embeds_ada_norm=1000,
+    norm_type="ada_norm_zero",
+)
+
+
+def random_dit_xl(config: BenchConfig):
+    import torch
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from pipelines.build import DTYPES
+    from pipelines.dit import DitGenerator
+    from pipelines.fetch import model_fingerprint
+    from pipelines.tiny import LATENT_DIT_SCHEDULER_CONFIG
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(**DIT_XL_2_256).eval()
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return DitGenerator(
+        transformer,
+        DDIMScheduler(**LATENT_DIT_SCHEDULER_CONFIG),
+        num_classes=1000,
+        model_id="random-init:DiT-XL-2-256",
+        fingerprint=model_fingerprint(transformer),
+        num_inference_steps=config.steps or 50,
+        guidance_scale=4.0 if config.guidance is None else config.guidance,
+        device=device,
+        dtype=DTYPES[config.dtype],
+    )
+
+
+def requests_for(generator, count: int, seed: int = 0):
+    from pipelines.base import Request
+    from pipelines.calibration import CALIBRATION_PROMPTS
+
+    if generator.architecture == "flux":
+        prompts = CALIBRATION_PROMPTS
+        return [Request(f"eval-{i}", seed + i, prompt=prompts[i % len(prompts)]) for i in range(count)]
+    n = generator.num_classes
+    stride = 1 if n <= 10 else 37  # ImageNet: spread the classes
+    return [Request(f"eval-{i}", seed + i, class_label=(i * stride) % n) for i in range(count)]
+
+
+def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[Method]:
+    from benchmarks import peers
+    from invardiff.policy import InvarDiffPolicy, NoCache
+    from invardiff.presets import get_preset, preset_names
+    from pipelines.calibration import TauBundle, calibrate, calibration_requests, record_rates
+
+    steps = generator.num_inference_steps
+    signature = generator.signature()
+    rows = [Method("uncached", "uncached", NoCache())]
+
+    # InvarDiff: phase 1 does not depend on the taus, so it is recorded once and shared by every bundle.
+    cal_requests = calibration_requests(generator, runs=config.calibration_runs)
+    say(f"calibration phase 1 on {len(cal_requests)} runs")
+    phase1 = record_rates(generator, cal_requests)
+    presets = config.presets or tuple(preset_names(generator.architecture))
+    bundles = [(f"InvarDiff {name}", "invardiff", TauBundle.from_preset(generator.architecture, name)) for name in presets]
+    if generator.architecture == "dit":
+        base = get_preset("dit", "balanced")  # the sweep varies tau_step only, at the balanced module taus
+        for tau in config.tau_steps:
+            taus = {**base["taus"], "step": tau}
+            bundles.append((f"InvarDiff tau_step={tau:g}", "invardiff-sweep", TauBundle(taus, base["nonskip_rate"])))
+    seen: dict[tuple, Method] = {}
+    for name, kind, bundle in bundles:
+        key = (tuple(sorted(bundle.taus.items())), bundle.nonskip_rate)
+        if key in seen:  # presets with equal taus calibrate to the same plan: one row, both names
+            seen[key].name += f" (= {name.removeprefix('InvarDiff ')})"
+            continue
+        say(f"calibrating {name}")
+        plan = calibrate(generator, bundle, cal_requests, phase1=phase1)
+        rows.append(seen.setdefault(key, Method(name, kind, InvarDiffPolicy(plan))))
+
+    arch = generator.architecture
+    rows += [Method(p.name, "diffusers", p) for p in map(peers.first_block_cache, config.fbc_thresholds)]
+    rows += [
+        Method(p.name, "diffusers", p)
+        for p in (peers.taylorseer(n, architecture=arch) for n in config.taylorseer_intervals)
+    ]
+    if config.mag_thresholds:
+        say("MagCache ratios")
+        ratios = peers.mag_ratios(generator, cal_requests)
+        rows += [
+            Method(p.name, "diffusers", p)
+            for p in (peers.mag_cache(t, ratios, steps) for t in config.mag_thresholds)
+        ]
+    if arch == "dit":
+        rows += [Method(p.name, "diffusers", p) for p in map(peers.pyramid_attention_broadcast, config.pab_ranges)]
+        rows.append(Method("FasterCache", "diffusers", skipped=peers.FASTERCACHE_UNSUPPORTED))
+        missing = peers.cache_dit_unavailable()
+        for threshold in config.dbcache_thresholds:
+            policy = None if missing else peers.CacheDitDBCache(threshold, steps)
+            name = policy.name if policy else f"cache-dit DBCache r={threshold:g}"
+            rows.append(Method(name, "cache-dit", policy, skipped=missing))
+
+    for k in config.step_intervals:
+        plan = peers.interval_plan(signature, k, granularity="step")
+        rows.append(Method(f"reuse step, compute every {k}", "baseline", InvarDiffPolicy(plan)))
+    for k in config.fora_intervals:
+        plan = peers.interval_plan(signature, k, granularity="module")
+        rows.append(Method(f"FORA attn+ff, compute every {k}", "baseline", InvarDiffPolicy(plan)))
+    for n in config.fewer_steps:
+        if n < steps:
+            rows.append(Method(f"DDIM {n} steps", "baseline", NoCache(), steps=n))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class Run:
+    seconds: float
+    images: np.ndarray
+    final: Any
+    counted: int
+    policy_evals: int | None
+
+
+def run_once(generator, method: Method, requests, counter) -> Run:
+    from invardiff._hookutils import cache_context
+
+    transformer = generator.transformer
+    policy = method.policy
+    default_steps = generator.num_inference_steps
+    policy.attach(transformer)
+    try:
+        if method.steps:
+            generator.num_inference_steps = method.steps
+        policy.reset(transformer)
+        counter.reset()
+        if generator.architecture == "dit":  # DiT's sampler sets no cache context; the stateful hooks need one
+            with cache_context(transformer, "cond"):
+                result = generator.generate(requests)
+        else:
+            result = generator.generate(requests)
+        stats = policy.stats(transformer)
+        counted = counter.total()
+    finally:
+        generator.num_inference_steps = default_steps
+        policy.reset(transformer)
+        policy.detach(transformer)
+    return Run(result.denoise_seconds, result.images, result.final, counted, stats.module_evals_computed)
+
+
+def peak_memory(generator, method: Method, requests, counter) -> int:
+    """Bytes of peak live tensor memory during one generation, above what was live when it started."""
+    import torch
+
+    if generator.device.type == "cuda":
+        torch.cuda.synchronize(generator.device)
+        base = torch.cuda.memory_allocated(generator.device)
+        torch.cuda.reset_peak_memory_stats(generator.device)
+        run_once(generator, method, requests, counter)
+        return int(torch.cuda.max_memory_allocated(generator.device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_once(generator, method, requests, counter)
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return int(peak)
+
+
+def run_bench(config: BenchConfig, out: Path, *, command: str = "", say: Callable[[str], None] = print) -> dict:
+    from benchmarks.peers import ModuleCounter
+
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = build(config)
+    rows = methods(generator, config, say)
+    counter = ModuleCounter().attach(generator.transformer)
+    live = [m for m in rows if m.skipped is None]
+
+    warmup = requests_for(generator, config.warmup_batch, seed=900_000)
+    memory: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for method in live:
+        say(f"warm-up + memory: {method.name}")
+        try:
+            memory[method.name] = peak_memory(generator, method, warmup, counter)
+        except Exception as error:  # one broken peer must not sink the benchmark; the table says what broke
+            errors[method.name] = f"error: {type(error).__name__}: {error}"
+    live = [m for m in live if m.name not in errors]
+
+    requests = requests_for(generator, config.images)
+    rounds = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    runs: dict[str, list[Run]] = {m.name: [] for m in live}
+    for r, chunk in enumerate(rounds):
+        order = live[r % len(live) :] + live[: r % len(live)]
+        say(f"round {r + 1}/{len(rounds)} ({len(chunk)} images, {len(order)} methods)")
+        for method in order:
+            runs[method.name].append(run_once(generator, method, chunk, counter))
+
+    table = summarise(generator, config, rows, runs, memory, errors)
+    env = environment(generator, config, command, time.perf_counter() - started)
+    result = {"config": asdict(config), "environment": env, "rows": table}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "table.md").write_text(markdown(result))
+    plot(table, out / "pareto.png", title=f"{env['model']}: speed vs fidelity ({env['machine']})")
+    say(f"wrote {out / 'table.md'}, {out / 'pareto.png'}, {out / 'results.json'} in {env['seconds']:.0f} s")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and the table
+
+
+def summarise(generator, config, rows, runs, memory, errors) -> list[dict]:
+    from evaluation import fidelity
+
+    digits = config.model == "digits" and not config.random_dit_xl
+    reference = runs["uncached"]
+    ref_images = np.concatenate([r.images for r in reference])
+    ref_evals = sum(r.counted for r in reference)
+    real_features = None
+    labels = None
+    if digits:
+        from evaluation.digits_classifier import embed
+        from pipelines.digits import load_digit_images
+
+        from pipelines.base import to_uint8
+        import torch
+
+        real, _ = load_digit_images()
+        real_features = embed(to_uint8(torch.as_tensor(real)))
+        labels = [r.class_label for r in requests_for(generator, config.images)]
+
+    table = []
+    for method in rows:
+        row: dict[str, Any] = {"method": method.name, "kind": method.kind}
+        if method.skipped or method.name in errors:
+            row["status"] = method.skipped or errors[method.name]
+            table.append(row)
+            continue
+        mine = runs[method.name]
+        images = np.concatenate([r.images for r in mine])
+        ratios = [ref.seconds / run.seconds for ref, run in zip(reference, mine)]
+        evals = sum(r.counted for r in mine)
+        policy_evals = [r.policy_evals for r in mine]
+        identical = method.name == "uncached"
+        row.update(
+            status="ok",
+            wall_speedup=float(statistics.median(ratios)),
+            wall_speedup_min=float(min(ratios)),
+            wall_speedup_max=float(max(ratios)),
+            seconds_per_image=float(sum(r.seconds for r in mine) / len(images)),
+            module_evals=int(evals),
+            module_evals_uncached=int(ref_evals),
+            policy_module_evals=None if None in policy_evals else int(sum(policy_evals)),
+            ideal_speedup=float(ref_evals / evals) if evals else math.inf,
+            psnr=None if identical else float(np.mean(fidelity.psnr(images, ref_images))),
+            ssim=None if identical else float(np.mean(fidelity.ssim(images, ref_images))),
+            ms_ssim=None if identical else float(np.mean(fidelity.ms_ssim(images, ref_images))),
+            peak_memory_mib=memory.get(method.name, 0) / 2**20,
+            lpips=f"{NO_LOCAL_WEIGHTS} ({LPIPS_WHY})" if not config.lpips_weights else lpips_unavailable(),
+            fid=f"{NO_LOCAL_WEIGHTS} ({FID_WHY})" if not config.fid_weights else fid_unavailable(),
+        )
+        if digits:
+            from evaluation.digits_classifier import accuracy, embed, frechet_distance
+
+            row["accuracy"] = accuracy(images, labels)
+            row["fd"] = frechet_distance(embed(images), real_features)
+        table.append(row)
+
+    invardiff = [r for r in table if r["kind"].startswith("invardiff") and r["status"] == "ok"]
+    for row in table:
+        if row["status"] != "ok" or row["kind"] in ("uncached",) or row["kind"].startswith("invardiff"):
+            continue
+        for axis in ("wall_speedup", "ideal_speedup"):
+            winner = dominated_by((row[axis], row["psnr"]), [(r[axis], r["psnr"]) for r in invardiff])
+            row[f"beaten_{axis}"] = invardiff[winner]["method"] if winner is not None else None
+    return table
+
+
+def lpips_unavailable() -> str:
+    # Weights alone are not enough here: the lpips/torchmetrics backbones come through torchvision, which has no
+    # CPU build on this index. Say so instead of quietly dropping the flag.
+    return "skipped: --lpips-weights given, but no LPIPS implementation without torchvision is installed"
+
+
+def fid_unavailable() -> str:
+    return "skipped: --fid-weights given, but torch-fidelity/torchmetrics are not installed"
+
+
+def environment(generator, config, command, seconds) -> dict:
+    import diffusers
+    import torch
+
+    from pipelines.runner import device_description
+
+    try:
+        import cache_dit
+
+        cache_dit_version = cache_dit.__version__
+    except ImportError:
+        cache_dit_version = "not installed"
+    device, device_name = device_description(generator.device)
+    import os
+
+    return {
+        "model": generator.model_id,
+        "machine": f"{device_name}, {os.cpu_count()} cores" if device == "cpu" else device_name,
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cache_dit": cache_dit_version,
+        "steps": generator.num_inference_steps,
+        "guidance_scale": generator.guidance_scale,
+        "dtype": str(generator.dtype).removeprefix("torch."),
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "seconds": seconds,
+    }
+
+
+def _num(value, fmt: str, none: str = "—") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, fmt)
+
+
+def markdown(result: dict) -> str:
+    env, config, rows = result["environment"], result["config"], result["rows"]
+    digits = any("accuracy" in r for r in rows)
+    head = ["method", "wall speedup (median, min–max)", "ideal speedup", "attn+ff evals", "PSNR dB", "SSIM", "MS-SSIM"]
+    head += ["accuracy", "FD"] if digits else []
+    head += ["peak MiB", "dominated by InvarDiff (wall / ideal)"]
+    lines = [
+        f"Model `{env['model']}`, {env['steps']} DDIM steps, guidance {env['guidance_scale']}, {env['dtype']}; "
+        f"{config['images']} images (seeds 0–{config['images'] - 1}, classes cycled) in rounds of "
+        f"{config['batch_size']}; machine: {env['machine']}, torch {env['torch']} ({env['torch_threads']} thread(s)), "
+        f"diffusers {env['diffusers']}, cache-dit {env['cache_dit']}; {env['date']}, {env['seconds']:.0f} s.",
+        f"Command: `{env['command']}`",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['status']} |" + " |" * (len(head) - 2))
+            continue
+        wall = f"{r['wall_speedup']:.2f}× ({r['wall_speedup_min']:.2f}–{r['wall_speedup_max']:.2f})"
+        cells = [
+            r["method"],
+            wall,
+            f"{_num(r['ideal_speedup'], '.2f')}×",
+            f"{r['module_evals']}/{r['module_evals_uncached']}",
+            _num(r["psnr"], ".2f", "∞ (reference)"),
+            _num(r["ssim"], ".4f", "1"),
+            _num(r["ms_ssim"], ".4f", "1"),
+        ]
+        if digits:
+            cells += [f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
+        cells.append(f"{r['peak_memory_mib']:.1f}")
+        if "beaten_wall_speedup" in r:
+            cells.append(f"{'yes' if r['beaten_wall_speedup'] else '**no**'} / {'yes' if r['beaten_ideal_speedup'] else '**no**'}")
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    ok = next(r for r in rows if r["status"] == "ok")
+    lines += [
+        "",
+        f"LPIPS: {ok['lpips']}. FID: {ok['fid']}.",
+        "Wall speedup: uncached / method denoising time, paired per round, median over rounds, warm-up discarded. "
+        "Ideal speedup: attention + feed-forward evaluations counted at run time, uncached / method. "
+        "PSNR/SSIM/MS-SSIM: against the uncached image with the same seed and class. "
+        + ("Accuracy: digit classifier; FD: Fréchet distance to the 1797 real digits in its feature space. " if digits else "")
+        + ("Peak MiB: CUDA allocator peak above the start. " if env["device"] == "cuda"
+           else f"Peak MiB: peak live tensor memory above the start, warm-up batch of {config['warmup_batch']}. ")
+        + "Dominated: some InvarDiff row is at least as fast with higher PSNR.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["psnr"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    styles = {"invardiff": ("C0", "o"), "invardiff-sweep": ("C0", "s"), "diffusers": ("C1", "^"),
+              "cache-dit": ("C2", "v"), "baseline": ("C7", "D")}  # fmt: skip
+    for ax, axis, label in ((axes[0], "wall_speedup", "wall-clock speedup"), (axes[1], "ideal_speedup", "ideal speedup (counted evaluations)")):
+        for r in ok:
+            color, marker = styles.get(r["kind"], ("k", "x"))
+            ax.scatter(r[axis], r["psnr"], c=color, marker=marker, s=40)
+            ax.annotate(r["method"], (r[axis], r["psnr"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        for kinds, color, name in (
+            (("invardiff", "invardiff-sweep"), "C0", "InvarDiff frontier"),
+            (("diffusers", "cache-dit", "baseline"), "C3", "peers frontier"),
+        ):
+            group = [r for r in ok if r["kind"] in kinds]
+            front = pareto_front([(r[axis], r["psnr"]) for r in group])
+            ax.plot([group[i][axis] for i in front], [group[i]["psnr"] for i in front], color=color, label=name)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("PSNR to the uncached image (dB)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="smoke run: one point per method (<= 5 min on 2 CPUs)")
+    parser.add_argument("--model", default="digits", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI")
+    parser.add_argument("--random-dit-xl", action="store_true", help="DiT-XL/2 256px architecture, random init")
+    parser.add_argument("--images", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    parser.add_argument("--calibration-runs", type=int)
+    parser.add_argument("--lpips-weights", help="local LPIPS backbone weights (LPIPS is skipped without)")
+    parser.add_argument("--fid-weights", help="local Inception weights for FID (FID is skipped without)")
+    args = parser.parse_args(argv)
+    config = replace(
+        QUICK if args.quick else FULL,
+        model=args.model,
+        random_dit_xl=args.random_dit_xl,
+        **{
+            k: v
+            for k, v in dict(
+                images=args.images, batch_size=args.batch_size, steps=args.steps, dtype=args.dtype,
+                device=args.device, threads=args.threads, calibration_runs=args.calibration_runs,
+                lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
+            ).items()
+            if v is not None
+        },  # fmt: skip
+    )
+    command = "invardiff bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    return run_bench(config, args.out, command=command, say=lambda m: print(f"[bench] {m}", flush=True))
+
+
+if __name__ == "__main__":
+    main()
