@@ -254,7 +254,10 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     ]
     if config.mag_thresholds:
         say("MagCache ratios")
-        ratios = peers.mag_ratios(generator, cal_requests)
+        if arch == "dit":
+            ratios = peers.mag_ratios(generator, cal_requests)
+        else:  # FLUX: its stack spans two block lists; use the ratios diffusers ships for FLUX.1-dev
+            from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS as ratios
         rows += [
             Method(p.name, "diffusers", p)
             for p in (peers.mag_cache(t, ratios, steps) for t in config.mag_thresholds)
@@ -294,10 +297,13 @@ class Run:
 
 
 def run_once(generator, method: Method, requests, counter) -> Run:
+    import torch
+
     from invardiff._hookutils import cache_context
 
     transformer = generator.transformer
     policy = method.policy
+    synchronize = torch.cuda.synchronize if generator.device.type == "cuda" else (lambda: None)
     default_steps = generator.num_inference_steps
     policy.attach(transformer)
     try:
@@ -305,18 +311,24 @@ def run_once(generator, method: Method, requests, counter) -> Run:
             generator.num_inference_steps = method.steps
         policy.reset(transformer)
         counter.reset()
+        synchronize()
+        started = time.perf_counter()
         if generator.architecture == "dit":  # DiT's sampler sets no cache context; the stateful hooks need one
             with cache_context(transformer, "cond"):
                 result = generator.generate(requests)
         else:
             result = generator.generate(requests)
+        synchronize()
+        # On CPU the sampler's own denoising time; on CUDA its clock stops before queued kernels finish, so the
+        # whole synchronised call is timed (decoding included; the same for every method).
+        seconds = result.denoise_seconds if generator.device.type != "cuda" else time.perf_counter() - started
         stats = policy.stats(transformer)
         counted = counter.total()
     finally:
         generator.num_inference_steps = default_steps
         policy.reset(transformer)
         policy.detach(transformer)
-    return Run(result.denoise_seconds, result.images, result.final, counted, stats.module_evals_computed)
+    return Run(seconds, result.images, result.final, counted, stats.module_evals_computed)
 
 
 def peak_memory(generator, method: Method, requests, counter) -> int:

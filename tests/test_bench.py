@@ -69,7 +69,7 @@ def test_paper_step_gate_counts_are_the_documented_ones():
 TINY = replace(
     QUICK,
     model="tiny-dit",
-    steps=10,
+    steps=6,
     images=4,
     batch_size=2,
     warmup_batch=1,
@@ -79,7 +79,7 @@ TINY = replace(
     mag_thresholds=(0.5,),
     step_intervals=(2,),
     fora_intervals=(2,),
-    fewer_steps=(5,),
+    fewer_steps=(3,),
 )
 
 
@@ -110,7 +110,7 @@ def test_bench_has_a_row_for_every_method(bench):
         "FasterCache",
         "reuse step, compute every 2",
         "FORA attn+ff, compute every 2",
-        "DDIM 5 steps",
+        "DDIM 3 steps",
     ]
     for name in expected:
         assert name in rows, f"missing row {name!r}; rows: {sorted(rows)}"
@@ -129,8 +129,8 @@ def test_uncached_row_is_the_reference(bench):
     assert uncached["wall_speedup"] == 1.0
     assert uncached["ideal_speedup"] == 1.0
     assert uncached["psnr"] is None and uncached["ssim"] is None and uncached["ms_ssim"] is None
-    # 10 steps x 3 layers x (attn + ff) per batch, two batches of two images.
-    assert uncached["module_evals"] == uncached["module_evals_uncached"] == 2 * 10 * 3 * 2
+    # 6 steps x 3 layers x (attn + ff) per batch, two batches of two images.
+    assert uncached["module_evals"] == uncached["module_evals_uncached"] == 2 * 6 * 3 * 2
 
 
 def test_ideal_speedups_are_the_ratio_of_counted_evaluations(bench):
@@ -149,7 +149,7 @@ def test_static_baselines_evaluate_exactly_their_share(bench):
     _, result = bench
     rows = rows_by_name(result)
     full = rows["uncached"]["module_evals"]
-    assert rows["DDIM 5 steps"]["module_evals"] == full // 2
+    assert rows["DDIM 3 steps"]["module_evals"] == full // 2
     assert rows["reuse step, compute every 2"]["module_evals"] == full // 2
     assert rows["FORA attn+ff, compute every 2"]["module_evals"] == full // 2
     assert rows["TaylorSeer N=3 O=1"]["module_evals"] < full
