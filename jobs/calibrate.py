@@ -112,6 +112,7 @@ class CalibrationJob:
         progress: Callable[[str], None] | None = None,
         crash_once_marker: str | None = None,
         actors: list | None = None,
+        torch_threads: int | None = None,
     ):
         """``actors``: already started `CalibrationWorker` actors for the same config (from :func:`start_workers`)
         to reuse instead of starting ``workers`` new ones; the job does not kill them, only their replacements."""
@@ -131,6 +132,7 @@ class CalibrationJob:
         self.max_retries = max_retries
         self.say = progress or (lambda _msg: None)
         self.crash_once_marker = crash_once_marker
+        self.torch_threads = torch_threads
         self.stats = JobStats()
         self._borrowed = list(actors or [])
         self._actors: list = []
@@ -171,7 +173,8 @@ class CalibrationJob:
         else:
             # Fractional CPUs: whole CPUs per actor deadlock a 2-core node once anything else wants one.
             self._options = dict(num_gpus=0, num_cpus=min(1.0, max(0.25, (cpus - 0.5) / self.stats.workers)))
-            self._threads = max(1, int(cpus // self.stats.workers))
+            # CPU share per worker; on an oversubscribed node pass torch_threads=1 (BENCHMARKS.md §4).
+            self._threads = self.torch_threads or max(1, int(cpus // self.stats.workers))
         self.stats.device = "cuda" if gpus else "cpu"
         self._remote = ray.remote(max_restarts=0, max_task_retries=0)(CalibrationWorker)
         if self._borrowed:
@@ -281,10 +284,10 @@ class CalibrationJob:
         return build_plan(self.signature, rho1, mean_of(phase2), bundle, self.requests, provisional_mode)
 
 
-def start_workers(config: "GeneratorConfig", workers: int, address: str | None = None) -> list:
+def start_workers(config: "GeneratorConfig", workers: int, address: str | None = None, torch_threads: int | None = None) -> list:
     """Start calibration actors to share between several jobs (benchmarks, tests): the model loads once per
     actor, not once per job. Pass them as ``CalibrationJob(..., actors=...)``; kill them when done."""
-    job = CalibrationJob(config, workers=workers, runs=workers, batch_size=1, address=address)
+    job = CalibrationJob(config, workers=workers, runs=workers, batch_size=1, address=address, torch_threads=torch_threads)
     job.start()
     return job._actors
 
@@ -388,12 +391,13 @@ def run_calibrate_job(
     )
     with job:
         bundle = make_bundle(job.architecture)
-        if store is not None and not refresh:
+        if store is not None:
             from jobs.plan_store import store_key
 
+            # Read (and verify) the current latest before spending the compute: a corrupt pointer stops here.
             key = store_key(job.signature)
             existing = store.latest(key)
-            if existing is not None:
+            if existing is not None and not refresh:
                 return None, Outcome(key, "skipped", existing.plan_id), job.stats
         say(
             f"calibrating: {runs} runs x {job.signature.num_inference_steps} steps, two phases, "

@@ -193,8 +193,9 @@ def drift_png(old, new, *, dpi: int = 110) -> bytes:
     panels = {STEP: difference_cells(old.step_gate, new.step_gate)}
     panels.update({f: difference_cells(old_eff[f], new_eff[f]) for f in new.modules})
     title = (
-        f"reuse {old.plan_id} -> {new.plan_id}: step gate {bits(old.step_gate)} -> {bits(new.step_gate)}\n"
-        "(grey = both reuse, green = new only, red = old only, white = both compute)"
+        f"reuse {old.plan_id} (old) -> {new.plan_id} (new)\n"
+        f"old gate {bits(old.step_gate)}\nnew gate {bits(new.step_gate)}\n"
+        "grey = both reuse, green = new only, red = old only, white = both compute"
     )
     figure = _panels_figure(panels, title, cmap=_DIFF_COLORS, vmin=0.0, vmax=3.0)
     buffer = io.BytesIO()

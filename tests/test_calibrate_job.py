@@ -142,6 +142,22 @@ def test_s3_store_calibrate_then_generate_latest(bundle, reference, workers, s3_
     )
     assert outcome.status == "first" and stats.runs == {1: RUNS, 2: RUNS}
     assert content(plan) == content(reference)
+    # without --refresh an existing latest is kept and nothing is calibrated
+    again, skipped, _ = run_calibrate_job(CONFIG, lambda arch: bundle, workers=1, runs=RUNS, batch_size=BATCH,
+                                          store=store, actors=workers[:1])
+    assert again is None and skipped.status == "skipped" and skipped.plan_id == plan.plan_id
+    # --refresh on other seeds: a new version, a drift report next to it, promoted within the default bounds
+    from jobs.drift import DriftGate
+
+    refreshed, promoted, _ = run_calibrate_job(
+        CONFIG, lambda arch: bundle, workers=1, runs=RUNS, seed=20_000, batch_size=BATCH, store=store, refresh=True,
+        gate=DriftGate(min_jaccard=0.0, max_speedup_change=10.0), actors=workers[:1],
+    )
+    assert promoted.status == "promoted" and promoted.drift is not None
+    assert [p.rsplit(".", 1)[-1] for p in promoted.reports] == ["png", "md"]
+    assert all(fs.exists(p) for p in promoted.reports)
+    assert store.latest(promoted.key) == refreshed and len(store.versions(promoted.key)) == 2
+    plan = refreshed
 
     # manifest on S3 too
     manifest_uri = "s3://invardiff-e2e/manifests/rows.parquet"
