@@ -248,13 +248,19 @@ def test_cli_list_and_bad_input(tmp_path, cli):
     assert nokey.returncode == 2 and "no latest plan for key dit-" in nokey.stderr
     assert not (tmp_path / "o").exists()
 
-    # corrupt plan under latest
-    key_dir = store_dir / store_key(plan.signature)
-    (next((key_dir / "plans").iterdir())).write_text("{}")
-    corrupt = cli("plan", "list", "--store", str(store_dir))
-    assert corrupt.returncode == 0  # listing does not load plans
-    with pytest.raises(Exception):
-        PlanStore(str(store_dir)).latest(store_key(plan.signature))
+    # the key exists for tiny-dit, but the plan file under latest is corrupt: refused, exit 2, nothing written
+    from jobs.plan_store import signature_for
+    from pipelines.build import GeneratorConfig
+
+    tiny = signature_for(GeneratorConfig(model="tiny-dit", num_inference_steps=4))
+    tiny_plan = make_plan(5, sig=tiny)
+    publish(PlanStore(str(store_dir)), tiny_plan)
+    (store_dir / store_key(tiny) / "plans" / f"20261125T020000Z-{tiny_plan.plan_id}.json").write_text("{}")
+    corrupt = cli("generate", "--classes", "0-1", "--plan", "latest", "--store", str(store_dir),
+                  "--out", str(tmp_path / "o"), "--model", "tiny-dit", "--steps", "4")
+    assert corrupt.returncode == 2 and "format" in corrupt.stderr and not (tmp_path / "o").exists()
+    listed = cli("plan", "list", "--store", str(store_dir))  # listing reads pointers, not plans
+    assert listed.returncode == 0 and store_key(tiny) in listed.stdout
 
 
 def test_exit_code_for_not_promoted_is_documented():
