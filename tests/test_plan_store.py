@@ -263,5 +263,23 @@ def test_cli_list_and_bad_input(tmp_path, cli):
     assert listed.returncode == 0 and store_key(tiny) in listed.stdout
 
 
-def test_exit_code_for_not_promoted_is_documented():
-    assert EXIT_NOT_PROMOTED not in (0, 1, 2)
+def test_refresh_not_promoted_exits_3(tmp_path, cli, monkeypatch):
+    """The CLI turns a drift rejection into exit code 3 and says why (the job itself is replaced by a stub)."""
+    import jobs.calibrate as job_module
+    from jobs.calibrate import JobStats, Outcome
+
+    old = make_plan(1)
+    store = PlanStore(str(tmp_path))
+    publish(store, old)
+    rejected = publish(store, make_plan(2, created="2026-11-26T02:00:00Z"), gate=drift.DriftGate(min_jaccard=1.0))
+
+    def fake_job(config, make_bundle, **kwargs):
+        assert kwargs["refresh"] and kwargs["gate"].min_jaccard == 0.95 and kwargs["workers"] == 2
+        return None, rejected, JobStats()
+
+    monkeypatch.setattr(job_module, "run_calibrate_job", fake_job)
+    result = cli("calibrate", "--workers", "2", "--store", str(tmp_path), "--refresh", "--min-jaccard", "0.95",
+                 "--model", "tiny-dit")
+    assert EXIT_NOT_PROMOTED == 3 and result.returncode == EXIT_NOT_PROMOTED
+    assert "NOT promoted" in result.stdout and "Jaccard" in result.stdout
+    assert store.latest(store_key(old.signature)) == old
