@@ -126,7 +126,7 @@ def test_bench_has_a_row_for_every_method(bench):
 def test_uncached_row_is_the_reference(bench):
     _, result = bench
     uncached = rows_by_name(result)["uncached"]
-    assert uncached["wall_speedup"] == 1.0
+    assert uncached["wall_speedup"] == 1.0 and uncached["cpu_speedup"] == 1.0
     assert uncached["ideal_speedup"] == 1.0
     assert uncached["psnr"] is None and uncached["ssim"] is None and uncached["ms_ssim"] is None
     # 6 steps x 3 layers x (attn + ff) per batch, two batches of two images.
@@ -161,6 +161,7 @@ def test_quality_and_speed_numbers_are_sane(bench):
         if row["status"] != "ok" or row["method"] == "uncached":
             continue
         assert math.isfinite(row["wall_speedup"]) and row["wall_speedup"] > 0
+        assert math.isfinite(row["cpu_speedup"]) and row["cpu_speedup"] > 0
         assert row["wall_speedup_min"] <= row["wall_speedup"] <= row["wall_speedup_max"]
         assert 0 < row["psnr"] <= 100
         assert -1 <= row["ssim"] <= 1 and -1 <= row["ms_ssim"] <= 1 + 1e-6
