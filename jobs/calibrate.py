@@ -70,14 +70,23 @@ class CalibrationWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
+    def ready(self) -> int:
+        return os.getpid()
+
     def record(self, chunk_index: int, requests: list, provisional=None, crash_once_marker: str | None = None):
         from pipelines.calibration import record_rates
 
-        # Fault drill (tests, chaos runs): the first worker to find no marker file creates it and dies mid-chunk.
-        if crash_once_marker and not os.path.exists(crash_once_marker):
-            with open(crash_once_marker, "w") as f:
-                f.write(str(os.getpid()))
-            os._exit(1)
+        # Fault drill (tests, chaos runs): the one worker that creates the marker file dies mid-chunk. O_EXCL makes
+        # the creation atomic, so two workers starting chunks at once cannot both "win" and both die.
+        if crash_once_marker:
+            try:
+                fd = os.open(crash_once_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
         # One batch per chunk: the same batch the single-process calibration forms for these runs.
         return chunk_index, record_rates(self.generator, requests, provisional=provisional, batch_size=len(requests))
 
@@ -194,6 +203,17 @@ class CalibrationJob:
     def _new_actor(self):
         return self._remote.options(**self._options).remote(self._config_dict, self._threads)
 
+    def _replace(self, slot: int):
+        """Kill the actor in ``slot``, start a new one there; returns the ObjectRef of its ready() call."""
+        import ray
+
+        try:
+            ray.kill(self._actors[slot])
+        except Exception:
+            pass
+        self._actors[slot] = self._new_actor()
+        return self._actors[slot].ready.remote()
+
     def shutdown(self) -> None:
         import ray
 
@@ -220,6 +240,8 @@ class CalibrationJob:
         attempts = [0] * len(chunks)
         idle = list(range(len(self._actors)))
         in_flight: dict = {}  # ObjectRef -> (actor slot, chunk index)
+        booting: dict = {}  # ObjectRef of a replacement's ready() -> actor slot
+        boot_failures = 0
         results: dict[int, dict[str, np.ndarray]] = {}
         provisional_ref = ray.put(provisional) if provisional is not None else None
         done_runs = 0
@@ -229,8 +251,19 @@ class CalibrationJob:
                 attempts[index] += 1
                 ref = self._actors[slot].record.remote(index, chunks[index], provisional_ref, self.crash_once_marker)
                 in_flight[ref] = (slot, index)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait([*in_flight, *booting], num_returns=1)
             for ref in ready:
+                if ref in booting:  # a replacement finished loading the model: it joins the idle workers
+                    slot = booting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        idle.append(slot)
+                    except (ActorDiedError, ActorUnavailableError, WorkerCrashedError, RayActorError) as e:
+                        boot_failures += 1
+                        if boot_failures > self.max_retries:
+                            raise CalibrationJobError(f"phase {phase}: replacement workers keep dying") from e
+                        booting[self._replace(slot)] = slot
+                    continue
                 slot, index = in_flight.pop(ref)
                 try:
                     got_index, rates = ray.get(ref)
@@ -242,13 +275,10 @@ class CalibrationJob:
                     self.stats.retries += 1
                     self.stats.replaced_workers += 1
                     self.say(f"phase {phase}: worker {slot} died ({type(e).__name__}); replacing it, retrying chunk {index}")
-                    try:
-                        ray.kill(self._actors[slot])
-                    except Exception:
-                        pass
-                    self._actors[slot] = self._new_actor()
+                    # The chunk goes back to the front of the queue for whichever worker is free first; the
+                    # replacement takes work only once its model is loaded, so nobody waits on its start-up.
                     pending.appendleft(index)
-                    idle.append(slot)
+                    booting[self._replace(slot)] = slot
                     continue
                 except ray.exceptions.RayTaskError as e:  # a bug or bad input: retrying would fail the same way
                     raise CalibrationJobError(f"phase {phase}: chunk {index} raised {e.cause!r}") from e

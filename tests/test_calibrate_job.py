@@ -36,11 +36,18 @@ def ray_env(request):
     # credentials, so set them before the session's Ray starts if this module is the first to use it.
     import ray
 
+    fake = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {name: os.environ.get(name) for name in fake}
     if not ray.is_initialized():
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    return request.getfixturevalue("ray_local")
+        os.environ.update({name: value for name, value in fake.items() if saved[name] is None})
+    try:
+        yield request.getfixturevalue("ray_local")
+    finally:  # the raylet keeps its copy for its workers; the rest of the session sees the old environment
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +164,10 @@ def test_s3_store_calibrate_then_generate_latest(bundle, reference, workers, s3_
     assert [p.rsplit(".", 1)[-1] for p in promoted.reports] == ["png", "md"]
     assert all(fs.exists(p) for p in promoted.reports)
     assert store.latest(promoted.key) == refreshed and len(store.versions(promoted.key)) == 2
+    from jobs.plan_store import format_listing
+
+    listing = format_listing(PlanStore(store_uri))
+    assert promoted.key in listing and f"{promoted.version}  <- latest, drift report" in listing
     plan = refreshed
 
     # manifest on S3 too
