@@ -19,14 +19,15 @@ so a chunk that is somehow delivered twice is still counted once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
-
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -150,7 +151,7 @@ class CalibrationJob:
 
     # ---- lifecycle
 
-    def __enter__(self) -> "CalibrationJob":
+    def __enter__(self) -> CalibrationJob:
         self.start()
         return self
 
@@ -207,10 +208,8 @@ class CalibrationJob:
         """Kill the actor in ``slot``, start a new one there; returns the ObjectRef of its ready() call."""
         import ray
 
-        try:
+        with contextlib.suppress(Exception):  # already gone is what we want
             ray.kill(self._actors[slot])
-        except Exception:
-            pass
         self._actors[slot] = self._new_actor()
         return self._actors[slot].ready.remote()
 
@@ -221,10 +220,8 @@ class CalibrationJob:
         for actor in self._actors:
             if id(actor) in borrowed:
                 continue
-            try:
+            with contextlib.suppress(Exception):  # a dead actor needs no killing
                 ray.kill(actor)
-            except Exception:
-                pass
         self._actors = []
 
     # ---- phases
@@ -232,7 +229,12 @@ class CalibrationJob:
     def record_phase(self, phase: int, provisional=None) -> dict[str, np.ndarray]:
         """Per-run rates of every calibration run, pooled in request order whatever the completion order."""
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, WorkerCrashedError
+        from ray.exceptions import (
+            ActorDiedError,
+            ActorUnavailableError,
+            RayActorError,
+            WorkerCrashedError,
+        )
 
         started = time.perf_counter()
         chunks = [self.requests[i : i + self.batch_size] for i in range(0, len(self.requests), self.batch_size)]
@@ -314,7 +316,7 @@ class CalibrationJob:
         return build_plan(self.signature, rho1, mean_of(phase2), bundle, self.requests, provisional_mode)
 
 
-def start_workers(config: "GeneratorConfig", workers: int, address: str | None = None, torch_threads: int | None = None) -> list:
+def start_workers(config: GeneratorConfig, workers: int, address: str | None = None, torch_threads: int | None = None) -> list:
     """Start calibration actors to share between several jobs (benchmarks, tests): the model loads once per
     actor, not once per job. Pass them as ``CalibrationJob(..., actors=...)``; kill them when done."""
     job = CalibrationJob(config, workers=workers, runs=workers, batch_size=1, address=address, torch_threads=torch_threads)

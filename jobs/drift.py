@@ -15,7 +15,6 @@ import numpy as np
 
 from invardiff.calibration import STEP, bits, effective_modules, ideal_speedup
 
-
 # --------------------------------------------------------------------------------------------------
 # Pure math
 
@@ -171,8 +170,8 @@ def drift_markdown(drift: Drift, *, key: str, promoted: bool, reasons: list[str]
     lines += ["", "Rates are the final (phase-2, corrected) means over the calibration runs, interior steps only."]
     if png_name:
         lines += ["", f"![reuse difference]({png_name})", "",
-                  "Cells: white = compute in both, grey = reuse in both, green = reuse only in the new plan, "
-                  "red = reuse only in the old plan."]
+                  ("Cells: white = compute in both, grey = reuse in both, green = reuse only in the new plan, "
+                   "red = reuse only in the old plan.")]
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +186,9 @@ def difference_cells(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 def drift_png(old, new, *, dpi: int = 110) -> bytes:
     """PNG of the reuse difference between two plans: step strip on top, one (layer x step) panel per family."""
-    from invardiff.plan_report import _panels_figure  # the same layout as `plan show` heatmaps
+    from invardiff.plan_report import (
+        _panels_figure,  # the same layout as `plan show` heatmaps
+    )
 
     old_eff, new_eff = effective_modules(old.modules), effective_modules(new.modules)
     panels = {STEP: difference_cells(old.step_gate, new.step_gate)}

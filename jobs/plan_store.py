@@ -16,6 +16,7 @@ Credentials are never passed in or stored: s3fs reads them from the standard AWS
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import posixpath
@@ -26,7 +27,7 @@ from typing import Any
 
 import fsspec
 
-from invardiff.plan import Plan, PlanError, PipelineSignature
+from invardiff.plan import PipelineSignature, Plan, PlanError
 
 POINTER_FORMAT = "invardiff-plan-pointer/1"
 LATEST = "latest.json"
@@ -254,11 +255,10 @@ class PlanStore:
             raise
 
     def _remove_quietly(self, path: str) -> None:
-        try:
+        # Cleanup after a failure: the original error is the one worth raising, not a second one from here.
+        with contextlib.suppress(Exception):
             if self.fs.exists(path):
                 self.fs.rm(path)
-        except Exception:
-            pass
 
     # ---- listing
 

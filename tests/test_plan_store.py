@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from invardiff.plan import Plan, PipelineSignature
+from invardiff.plan import PipelineSignature, Plan, PlanError
 from jobs import drift
 from jobs.calibrate import EXIT_NOT_PROMOTED, publish
 from jobs.plan_store import PlanStore, StoreError, store_key
@@ -133,7 +133,7 @@ def test_failed_write_leaves_latest_and_no_half_plan(tmp_path, monkeypatch):
         real_put(self, path, data[: len(data) // 2] if "/plans/" in path else data)
 
     monkeypatch.setattr(PlanStore, "_put", truncating_put)
-    with pytest.raises(Exception):
+    with pytest.raises(PlanError):
         publish(store, make_plan(2, created="2026-11-26T02:00:00Z"))
     monkeypatch.undo()
     assert store.latest(key) == first
@@ -266,7 +266,7 @@ def test_cli_list_and_bad_input(tmp_path, cli):
 def test_refresh_not_promoted_exits_3(tmp_path, cli, monkeypatch):
     """The CLI turns a drift rejection into exit code 3 and says why (the job itself is replaced by a stub)."""
     import jobs.calibrate as job_module
-    from jobs.calibrate import JobStats, Outcome
+    from jobs.calibrate import JobStats
 
     old = make_plan(1)
     store = PlanStore(str(tmp_path))
