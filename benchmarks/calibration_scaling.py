@@ -71,12 +71,12 @@ def refresh_wall_time(model: str, steps: int | None, workers: int, runs: int) ->
 
 def stability(config, bundle, workers: int, reference_runs: int, ks: list[int], batch: int, subsets: int,
               threads: int | None) -> dict:
+    import ray
+
     from invardiff.calibration import ideal_speedup
     from jobs.calibrate import CalibrationJob, start_workers
     from jobs.drift import family_jaccard
     from pipelines.calibration import build_plan, mean_of, provisional_plan
-
-    import ray
 
     actors = start_workers(config, workers, torch_threads=threads)
     try:
