@@ -28,6 +28,8 @@ log = logging.getLogger("invardiff")
 # How long a job waits for its whole actor pool before failing (GPU nodes of an autoscaling cluster
 # can take minutes to appear).
 ACTOR_START_TIMEOUT_S = int(os.environ.get("INVARDIFF_ACTOR_START_TIMEOUT_S", "1800"))
+# A Parquet write encodes a block of PNG bytes: light, but it needs a CPU slot left free (see below).
+WRITE_TASK_CPUS = 0.25
 
 
 @dataclass
@@ -122,7 +124,7 @@ def run_generate(
     """Generate every manifest row not yet present under `out`. Validation happens before Ray starts."""
     import ray
 
-    from jobs.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray, filesystem_for
+    from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for
 
     manifest = validate_manifest(manifest, schema)
     # Resume is an anti-join of the manifest against the ids already in the output, not Ray Data's
@@ -154,10 +156,10 @@ def run_generate(
     config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
     if workers is None:
         workers = max(1, gpus) if gpus else 1
-    cpus = cluster_cpus()
-    # Leave CPU for the read and write tasks: an actor pool holding every CPU deadlocks Ray Data (notes).
-    actor_cpus = min(1.0, max(0.25, (cpus - 1) / workers)) if not gpus else 1.0
-    torch_threads = None if gpus else max(1, int(cpus // workers))
+    if gpus:
+        actor_cpus, torch_threads = 1.0, None
+    else:
+        actor_cpus, torch_threads = cpu_actor_shape(workers)
 
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.num_rows / (workers * 2))))
@@ -179,7 +181,9 @@ def run_generate(
         todo.num_rows, rows_skipped, out, workers, "GPU" if gpus else "CPU", batch_size, out,
     )
     started = time.perf_counter()
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=rows_per_file)
+    ds.write_parquet(
+        path, filesystem=fs, min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
+    )
     seconds = time.perf_counter() - started
 
     written = outputs.read_outputs(out, columns=["id", "error", "device"])
@@ -200,6 +204,27 @@ def run_generate(
         workers=workers,
         device=",".join(devices),
     )
+
+
+def cpu_actor_shape(workers: int) -> tuple[float, int]:
+    """(CPUs reserved, torch intra-op threads) for each CPU actor.
+
+    An actor reserves its node's CPUs shared among the actors that node gets (workers spread evenly),
+    less WRITE_TASK_CPUS for the Parquet writes: an actor pool that holds every CPU deadlocks Ray Data
+    (environment notes). Reserving the share, not a fixed 1 CPU, is what keeps two actors meant for two
+    nodes from landing on one (Ray Data's SPREAD is best effort, and did colocate them), and threads
+    follow the share: more threads than cores oversubscribes a node (on a busy 2-core machine one batch
+    took 1.1 s with 1 thread and 6-12 s with 2). INVARDIFF_TORCH_THREADS overrides the thread count.
+    """
+    import ray
+
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0)]
+    smallest = min(node_cpus) if node_cpus else 1.0
+    actors_per_node = math.ceil(workers / max(1, len(node_cpus)))
+    actor_cpus = max(0.05, (smallest - WRITE_TASK_CPUS) / actors_per_node)
+    override = os.environ.get("INVARDIFF_TORCH_THREADS")
+    threads = int(override) if override else int(smallest // actors_per_node)
+    return actor_cpus, max(1, threads)
 
 
 def _with_device(config: GeneratorConfig, device: str) -> GeneratorConfig:
