@@ -584,6 +584,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PSNR_CAP = 50.0  # near-lossless rows (a threshold that never fires) would squash everything else; drawn at the cap
+
+
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
 
@@ -598,15 +601,18 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     for ax, axis, label in zip(axes, SPEED_AXES, labels):
         for r in ok:
             color, marker = styles.get(r["kind"], ("k", "x"))
-            ax.scatter(r[axis], r["psnr"], c=color, marker=marker, s=40)
-            ax.annotate(r["method"], (r[axis], r["psnr"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            y = min(r["psnr"], PSNR_CAP)
+            text = r["method"] + (f" ({r['psnr']:.0f} dB)" if r["psnr"] > PSNR_CAP else "")
+            ax.scatter(r[axis], y, c=color, marker=marker if y == r["psnr"] else "^", s=40)
+            ax.annotate(text, (r[axis], y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         for kinds, color, name in (
             (("invardiff", "invardiff-sweep"), "C0", "InvarDiff frontier"),
             (("diffusers", "cache-dit", "baseline"), "C3", "peers frontier"),
         ):
             group = [r for r in ok if r["kind"] in kinds]
             front = pareto_front([(r[axis], r["psnr"]) for r in group])
-            ax.plot([group[i][axis] for i in front], [group[i]["psnr"] for i in front], color=color, label=name)
+            ys = [min(group[i]["psnr"], PSNR_CAP) for i in front]
+            ax.plot([group[i][axis] for i in front], ys, color=color, label=name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
