@@ -221,10 +221,14 @@ stop_nodes() {
 
 stop_cluster() {
   local pid_file
+  local workers_pids=() head_pid=()
+  for pid_file in $(pid_files); do
+    if [[ "$(basename "$pid_file")" == head.pid ]]; then head_pid+=("$pid_file"); else workers_pids+=("$pid_file"); fi
+  done
   # Workers first (together), then the head, so the head does not spend its last seconds reporting
   # lost nodes.
-  stop_nodes $(pid_files | grep -v '/head\.pid$' || true)
-  stop_nodes $(pid_files | grep '/head\.pid$' || true)
+  stop_nodes "${workers_pids[@]}"
+  stop_nodes "${head_pid[@]}"
   echo "stopped the cluster recorded in $state_dir"
 }
 
