@@ -3,14 +3,15 @@ and the job's images/s with 1 and 2 actors on one node and on two local nodes.
 
     python -m benchmarks.ray_overhead --images 160 --batch-size 16 [--steps 50] [--out DIR]
 
-All phases run in this one process, one after another, on the same manifest (embedded digits model,
-uncached, CPU):
+The phases run one after another on the same manifest (embedded digits model, uncached, CPU), all in
+this process except the 2-node jobs:
   loop       build the generator once, run_batch over the rows (generation + PNG encoding, as the
              actors do), write one Parquet file. Run first and last; the two are averaged, so a
              machine that gets busier during the run shows up as loop-to-loop spread.
   job 1n/Na  run_generate (the `invardiff generate` job) on an embedded 1-node Ray, N actors.
   job 2n/Na  the same job on a local head + 2 worker nodes (cluster/local-multinode.sh, 1 CPU each),
-             the driver connected as `invardiff generate --address` would be.
+             this script submitted through the Jobs API so that its driver runs on the head, as
+             `invardiff submit generate` does.
 For each job, the output rows give its phases: startup (submission to the first batch's start: actor
 launch, torch/diffusers import, model load), steady (first batch start to last batch end) and tail
 (last batch end to the write's return: last Parquet write and job teardown). Ray's own start
