@@ -325,7 +325,8 @@ def test_from_rates_thresholds_the_corrected_rates(plan):
 
 
 def test_presets():
-    assert get_preset("dit", "fast") == {"nonskip_rate": 0.0, "taus": {"step": 0.63, "attn": 0.22, "ff": 0.22}}
+    # The paper points are kept verbatim; fast/balanced/quality are retuned on our models (BENCHMARKS.md).
+    assert get_preset("dit", "paper-dit-fast") == {"nonskip_rate": 0.0, "taus": {"step": 0.63, "attn": 0.22, "ff": 0.22}}
     assert get_preset("dit", "paper-dit-slow")["taus"] == {"step": 0.61, "attn": 0.20, "ff": 0.20}
     flux_fast = get_preset("flux", "paper-flux-fast")
     assert flux_fast["nonskip_rate"] == 0.10 and flux_fast["taus"]["context_attn"] == flux_fast["taus"]["attn"] == 0.68
@@ -334,8 +335,8 @@ def test_presets():
         assert {"fast", "balanced", "quality"} <= set(preset_names(architecture))
         families = {frozenset(p["taus"]) for p in PRESETS[architecture].values()}
         assert len(families) == 1  # every preset of an architecture covers the same families
-    get_preset("dit", "fast")["taus"]["step"] = 0.0
-    assert PRESETS["dit"]["fast"]["taus"]["step"] == 0.63  # callers get copies
+    get_preset("dit", "paper-dit-fast")["taus"]["step"] = 0.0
+    assert PRESETS["dit"]["paper-dit-fast"]["taus"]["step"] == 0.63  # callers get copies
     with pytest.raises(ValueError, match="valid names: paper-dit-fast, paper-dit-slow, fast, balanced, quality"):
         get_preset("dit", "turbo")
 
