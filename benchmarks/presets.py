@@ -50,13 +50,15 @@ def run(generator, requests, policy=None) -> dict[str, Any]:
         policy.attach(transformer)
         policy.reset(transformer)
     try:
+        cpu_started = time.process_time()
         result = generator.generate(requests)
+        cpu_seconds = time.process_time() - cpu_started
         stats = policy.stats(transformer) if policy is not None else None
     finally:
         if policy is not None:
             policy.detach(transformer)
     return {"final": result.final.detach().clone(), "images": result.images, "seconds": result.denoise_seconds,
-            "stats": stats, "labels": [r.class_label for r in requests]}  # fmt: skip
+            "cpu_seconds": cpu_seconds, "stats": stats, "labels": [r.class_label for r in requests]}  # fmt: skip
 
 
 def full_evals(generator) -> int:
@@ -127,6 +129,10 @@ def benchmark(args) -> dict[str, Any]:
 
     uncached_times: list[float] = []
     cached_times: dict[str, list[float]] = {name: [] for name in plans}
+    # Process CPU time next to wall time: on a box shared with other jobs it measures the work done, not the
+    # share of the cores this process happened to get (exact with one torch thread, which never spin-waits).
+    uncached_cpu: list[float] = []
+    cached_cpu: dict[str, list[float]] = {name: [] for name in plans}
     reference = run(generator, requests)  # warm-up, discarded from the timings; also the fidelity reference
     print(f"warm-up: uncached {reference['seconds']:.1f}s", flush=True)
     outputs: dict[str, dict] = {}
@@ -138,13 +144,19 @@ def benchmark(args) -> dict[str, Any]:
         if not torch.equal(out["final"], reference["final"]):
             raise RuntimeError("uncached sampling is not deterministic in this process; fidelity would be meaningless")
         uncached_times.append(out["seconds"])
+        uncached_cpu.append(out["cpu_seconds"])
         for name in order:
             out = run(generator, requests, InvarDiffPolicy(plans[name]))
             outputs.setdefault(name, out)
             cached_times[name].append(out["seconds"])
+            cached_cpu[name].append(out["cpu_seconds"])
         print(f"round {round_index + 1}: uncached {uncached_times[-1]:.1f}s "
               + " ".join(f"{n} {cached_times[n][-1]:.1f}s" for n in order), flush=True)  # fmt: skip
         result = summarize(args, generator, plans, reference, outputs, uncached_times, cached_times, calibration_s)
+        for row in result["presets"]:
+            row["cpu_speedup"] = statistics.median(uncached_cpu) / statistics.median(cached_cpu[row["preset"]])
+            row["cpu_efficiency"] = row["cpu_speedup"] / row["ideal_speedup"]
+        result["uncached_cpu_s"] = uncached_cpu
         write_benchmark(args.out, result)  # after every round, so a run stopped early still leaves its numbers
     return result
 
@@ -216,15 +228,16 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         f"{100 * result['accuracy_uncached']:.1f} %.",
         "",
         "| preset | nonskip / τ_step / τ_attn / τ_ff | gated steps (longest run) | wall speedup | ideal | efficiency "
-        "| PSNR dB | SSIM | accuracy | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU-time speedup (efficiency) | PSNR dB | SSIM | accuracy | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["presets"]:
         t = r["taus"]
         lines.append(
             f"| {r['preset']} | {r['nonskip_rate']:g} / {t['step']:g} / {t['attn']:g} / {t['ff']:g} "
             f"| {r['gated_steps']} ({r['longest_gated_run']}) | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
-            f"| {r['efficiency']:.2f} | {r['psnr_db']:.1f} | {r['ssim']:.3f} | {100 * r['accuracy']:.1f} % "
+            f"| {r['efficiency']:.2f} | {r.get('cpu_speedup', math.nan):.2f}× ({r.get('cpu_efficiency', math.nan):.2f}) "
+            f"| {r['psnr_db']:.1f} | {r['ssim']:.3f} | {100 * r['accuracy']:.1f} % "
             f"| {r['rel_err']:.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -361,6 +374,8 @@ def sweep(args) -> dict[str, Any]:
                     points.append(point)
                     print(f"{mode} n{nonskip} step{step} mod{module_tau}: ideal {ideal:.2f} "
                           f"err {point['rel_err']:.4f} acc {point['accuracy']:.3f} gated {point['step_gate']}", flush=True)  # fmt: skip
+                    # Written after every point: a sweep stopped early still leaves what it measured.
+                    (args.out / "sweep-points.json").write_text(json.dumps(points, indent=1))
     return {"command": args.command, "machine": machine(), "images": len(requests), "calibration_runs": args.runs,
             "accuracy_uncached": fidelity(reference, reference, labels)["accuracy"], "replay_check": check,
             "points": points, "frontier": frontier(points)}  # fmt: skip
@@ -420,7 +435,10 @@ def main(argv=None) -> None:
     parser.add_argument("--tau-step", nargs="+", type=float, default=[0.5, 0.55, 0.6, 0.63, 0.66, 0.7])
     parser.add_argument("--tau-module", nargs="+", type=float, default=[0.0, 0.1, 0.2])
     parser.add_argument("--min-ideal", type=float, default=0.0, help="sweep: skip plans below this ideal speedup")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.command = "python -m benchmarks.presets " + " ".join(sys.argv[1:] if argv is None else argv)
     args.per_class = args.per_class or (2 if args.quick else 8 if not args.sweep else 4)
     args.runs = args.runs or (8 if args.quick else 16)
