@@ -191,3 +191,36 @@ def test_bench_command_is_registered():
     result = CliRunner().invoke(app, ["bench", "--help"])
     assert result.exit_code == 0, result.output
     assert "--quick" in result.output and "--out" in result.output
+
+
+def test_every_peer_is_a_cache_policy_and_detaches_without_a_trace():
+    """The harness runs all methods on one transformer, so a hook left behind would bias every later row."""
+    import torch
+
+    from benchmarks import peers
+    from invardiff._hookutils import cache_context
+    from invardiff.policy import CachePolicy
+    from pipelines.base import Request
+    from pipelines.build import GeneratorConfig, build_generator
+
+    generator = build_generator(GeneratorConfig(model="tiny-dit", device="cpu", num_inference_steps=6))
+    requests = [Request("a", 0, class_label=1), Request("b", 1, class_label=2)]
+    before = generator.generate(requests).final
+    policies = [
+        peers.first_block_cache(0.5),
+        peers.taylorseer(2),
+        peers.mag_cache(0.5, peers.mag_ratios(generator, requests), 6),
+        peers.pyramid_attention_broadcast(2, (0, 1000)),
+        peers.CacheDitDBCache(0.5, 6, warmup=1),
+    ]
+    for policy in policies:
+        assert isinstance(policy, CachePolicy)
+        policy.attach(generator.transformer)
+        policy.reset(generator.transformer)
+        with cache_context(generator.transformer, "cond"):
+            cached = generator.generate(requests).final
+        assert policy.stats(generator.transformer).module_evals_computed < 2 * 6 * 3, policy.name  # it skipped work
+        policy.reset(generator.transformer)
+        policy.detach(generator.transformer)
+        assert not torch.equal(cached, before), policy.name
+        assert torch.equal(generator.generate(requests).final, before), f"{policy.name} left state behind"
