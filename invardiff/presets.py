@@ -21,7 +21,9 @@ so the retuned presets gate only the steps whose rate is in the lowest 30 % and 
 module reuse (at tau_step 0.30 the module taus decide which blocks of the non-gated steps run; in the paper
 presets nearly all module reuse falls in gated rows, so their module taus change nothing here). Module reuse
 still runs each block's adaLN, norms, gates and residual adds, so its wall-clock gain is below its ideal.
-No point of the sweep reaches the issue's error target (< 0.022 at 2.5x); see BENCHMARKS.md section 3.
+Measured process-CPU-time speedups (one torch thread; wall clock was unusable on the loaded 2-core box): fast
+2.33x, balanced 2.11x, quality 1.60x, paper-dit-fast 2.32x. No point of the sweep reaches the issue's error target
+(< 0.022 at 2.5x); see BENCHMARKS.md section 3.
 """
 
 from __future__ import annotations
