@@ -11,8 +11,11 @@ from pipelines import digits
 from pipelines.base import Request
 from pipelines.build import GeneratorConfig, build_generator
 
-# A row's final sample may differ across batch compositions only by float rounding in batched matmuls.
-BATCH_INVARIANCE_ATOL = 1e-5
+# A row's final sample may differ across batch compositions only by float rounding in batched matmuls. Measured
+# on this project's CPU machines: at most 1.02e-5 after 50 guided DDIM steps, alone vs in batches of 5 and 17, with
+# 1 and 2 threads (BENCHMARKS.md §1). 5e-5 leaves room for other BLAS kernels and is still 1/300 of a uint8 level;
+# a batchmate leaking into a row (shared noise, a wrong CFG half) moves it by orders of magnitude more.
+BATCH_INVARIANCE_ATOL = 5e-5
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
+import sys
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,6 +60,15 @@ def _clean_submission_env(monkeypatch, tmp_path_factory):
         monkeypatch.delenv(name, raising=False)
     for name in submit.S3_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+
+def run_fresh_python(args: list[str], home) -> subprocess.CompletedProcess:
+    """Run Python in a new process, as a user's shell would: Ray's client caches auth state per process, and an
+    embedded Ray started earlier in this test session has already filled that cache with the machine's token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,9 +380,14 @@ def test_submit_job_sends_entrypoint_token_env_and_a_package_without_weights(tmp
 
 
 def test_missing_token_explains_what_to_set(tmp_path):
-    with FakeJobsAPI(token="cluster-token") as api, pytest.raises(ClusterAuthError) as raised:
-        submit.submit_job(api.address, ["generate"], working_dir=tmp_path)
-    message = str(raised.value)
+    code = (
+        "import sys\nfrom jobs import submit\n"
+        "try:\n    submit.submit_job(sys.argv[1], ['generate'], working_dir=sys.argv[2])\n"
+        "except submit.ClusterAuthError as error:\n    print(error)\n"
+    )
+    with FakeJobsAPI(token="cluster-token") as api:
+        result = run_fresh_python(["-c", code, api.address, str(tmp_path)], home=tmp_path)
+    message = result.stdout
     assert "Missing authentication token" in message
     assert "RAY_AUTH_TOKEN" in message and "RAY_AUTH_MODE=disabled" in message
     assert api.submissions == []
@@ -480,7 +496,7 @@ def test_cli_jobs_commands_show_status_logs_and_never_secrets(tmp_path, monkeypa
 
 def test_cli_reports_missing_token_without_a_traceback(tmp_path):
     with FakeJobsAPI(token="cluster-token") as api:
-        result = CliRunner().invoke(cli_app(), ["jobs", "list", "--address", api.address])
-    assert result.exit_code == 1
-    assert "Missing authentication token" in result.output and "RAY_AUTH_TOKEN" in result.output
-    assert "Traceback" not in result.output
+        result = run_fresh_python(["-m", "jobs.cli", "jobs", "list", "--address", api.address], home=tmp_path)
+    assert result.returncode == 1
+    assert "Missing authentication token" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
