@@ -87,16 +87,13 @@ def fidelity(reference: dict, cached: dict, labels: Sequence[int]) -> dict[str, 
 
 
 def benchmark(args) -> dict[str, Any]:
-    from invardiff.calibration import bits, longest_run
     from invardiff.plan import Plan
     from invardiff.policy import InvarDiffPolicy
-    from invardiff.presets import get_preset
     from pipelines.build import GeneratorConfig, build_generator
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, mean_of, record_rates
 
     generator = build_generator(GeneratorConfig(model="digits", device="cpu"))
     requests = eval_requests(args.per_class)
-    labels = [r.class_label for r in requests]
     cal_requests = calibration_requests(generator, runs=args.runs)
     plan_dir = args.out / "plans"
     plan_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import pyarrow as pa
 
 from jobs import outputs
@@ -231,7 +230,3 @@ def _with_device(config: GeneratorConfig, device: str) -> GeneratorConfig:
     from dataclasses import replace
 
     return replace(config, device=device)
-
-
-def ids_array(table: pa.Table) -> np.ndarray:
-    return np.asarray(table.column("id").to_pylist(), dtype=object)
