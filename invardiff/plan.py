@@ -2,9 +2,19 @@
 
 In memory a :class:`Plan` holds numpy arrays (docs/contracts.md): ``step_gate`` bool ``(T,)``,
 ``modules[family]`` bool ``(T, L)``, ``rho_phase1/2`` float64 ``{"step": (T,), family: (T, L)}``;
-True means reuse, row ``k`` is denoising step ``k``. On disk it is one JSON document in format
-``invardiff-plan/1`` (``plan_schema.json``): bit strings for the books so a plan can be read by eye,
-exact floats for the rates, and a checksum so an edited file is refused rather than silently run.
+True means reuse, row ``k`` is denoising step ``k``. On disk it is one JSON document: bit strings for the
+books so a plan can be read by eye, exact floats for the rates, and a checksum so an edited file is refused
+rather than silently run.
+
+A plan's ``mode`` says how the work it skips is filled:
+
+* ``paper``: the InvarDiff method exactly. A gated step reuses H of the last computed step; a reused module
+  returns its last computed output. Written as ``invardiff-plan/1`` (``plan_schema.json``), byte for byte
+  what earlier versions wrote, so existing plans, stores and checksums stay valid.
+* ``forecast``: a gated step is filled by forecasting from the last two computed steps
+  (``invardiff.forecast``), either the block stack's residual ``H - E`` (``target: residual``) or every
+  cached module's output (``target: modules``), with one order per gated step. Written as
+  ``invardiff-plan/2`` (``plan_schema_v2.json``), which adds ``mode`` and ``forecast``.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import jsonschema
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from invardiff.forecast import ForecastSchedule, orders_text, parse_orders
 from invardiff.calibration import (
     STEP,
     Books,
@@ -41,11 +52,16 @@ from invardiff.calibration import (
     warmup_steps,
 )
 
-FORMAT = "invardiff-plan/1"
+FORMAT = "invardiff-plan/1"  # paper-mode plans
+FORMAT_V2 = "invardiff-plan/2"  # plans with a forecast section
+FORMATS = (FORMAT, FORMAT_V2)
+MODES = ("paper", "forecast")
+FORECAST_TARGETS = ("residual", "modules")
 ARCHITECTURES = ("dit", "flux")
 GUIDANCE_MODES = ("cfg-batched", "cfg-separate", "distilled", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEMA_PATH = Path(__file__).with_name("plan_schema.json")
+SCHEMA_PATHS = {FORMAT: SCHEMA_PATH, FORMAT_V2: Path(__file__).with_name("plan_schema_v2.json")}
 # created_at as the schema accepts it: ISO-8601, UTC
 _UTC_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|\+00:00)")
 
@@ -146,6 +162,8 @@ class Plan:
     rho_phase2: Mapping[str, np.ndarray] | None = None
     calibration: Mapping[str, Any] = field(default_factory=dict)  # inputs, seeds, runs, phases, modes, preset...
     created_at: str | None = None  # ISO-8601 UTC; None means now
+    mode: str = "paper"  # "paper" | "forecast"
+    forecast: Mapping[str, Any] | None = None  # forecast mode: {"target": "residual"|"modules", "orders": "-1-0..."}
     plan_id: str = field(init=False)  # first 12 hex digits of the checksum
     checksum: str = field(init=False)  # "sha256:<hex>" of the canonical JSON without plan_id and checksum
 
@@ -174,6 +192,7 @@ class Plan:
             set_(phase, rho)
         set_("calibration", _json_copy("calibration", self.calibration))
         set_("created_at", _utc_timestamp(self.created_at))
+        set_("forecast", _check_forecast(self.mode, self.forecast, self.step_gate))
 
         checksum = "sha256:" + hashlib.sha256(_canonical_json(self._content())).hexdigest()
         set_("checksum", checksum)
@@ -193,6 +212,37 @@ class Plan:
             modules={family: np.zeros((steps, n), dtype=bool) for family, n in signature.layers.items()},
             calibration={"method": "all-compute"},
             created_at=created_at,
+        )
+
+    @classmethod
+    def from_forecast(
+        cls,
+        signature: PipelineSignature,
+        schedule: ForecastSchedule,
+        *,
+        target: str,
+        modules: Mapping[str, np.ndarray] | None = None,
+        taus: Mapping[str, float] | None = None,
+        calibration: Mapping[str, Any] | None = None,
+        created_at: str | None = None,
+    ) -> Plan:
+        """A forecast-mode plan: ``schedule`` says which steps compute and each gated step's order; ``modules``
+        (default: reuse nothing) are the paper's layer-wise books applied on computed steps."""
+        steps = signature.num_inference_steps
+        if schedule.num_steps != steps:
+            raise PlanError(f"forecast schedule has {schedule.num_steps} steps, the signature {steps}")
+        if modules is None:
+            modules = {family: np.zeros((steps, n), dtype=bool) for family, n in signature.layers.items()}
+        return cls(
+            signature=signature,
+            taus=taus or {STEP: 0.0, **{family: 0.0 for family in signature.layers}},
+            nonskip_rate=0.0,
+            step_gate=~schedule.compute,
+            modules=modules,
+            calibration=calibration or {},
+            created_at=created_at,
+            mode="forecast",
+            forecast={"target": target, "orders": orders_text(schedule)},
         )
 
     @classmethod
@@ -253,6 +303,15 @@ class Plan:
     def num_steps(self) -> int:
         return self.signature.num_inference_steps
 
+    @property
+    def format(self) -> str:
+        return FORMAT if self.mode == "paper" else FORMAT_V2
+
+    @property
+    def forecast_schedule(self) -> ForecastSchedule | None:
+        """The compute mask and per-step orders of a forecast-mode plan; None in paper mode."""
+        return None if self.forecast is None else parse_orders(self.forecast["orders"])
+
     def check_compatible(self, signature: PipelineSignature) -> None:
         """Raise :class:`PlanMismatchError` naming every field (but ``model_id``) where ``signature`` differs."""
         mismatches = self.signature.mismatches(signature)
@@ -263,6 +322,8 @@ class Plan:
         """The numbers one looks at first (§4.6): gated steps, reuse shares, longest gated run, ideal speedup."""
         return {
             "plan_id": self.plan_id,
+            "mode": self.mode,
+            "forecast": dict(self.forecast) if self.forecast else None,
             "architecture": self.signature.architecture,
             "steps": self.num_steps,
             "nonskip_rate": self.nonskip_rate,
@@ -289,6 +350,12 @@ class Plan:
         return hash(self.checksum)
 
     def __repr__(self) -> str:
+        if self.forecast is not None:
+            return (
+                f"Plan(plan_id={self.plan_id!r}, mode='forecast', target={self.forecast['target']!r}, "
+                f"architecture={self.signature.architecture!r}, steps={self.num_steps}, "
+                f"orders={self.forecast['orders']!r})"
+            )
         return (
             f"Plan(plan_id={self.plan_id!r}, architecture={self.signature.architecture!r}, steps={self.num_steps}, "
             f"gated={bits(self.step_gate)!r}, taus={dict(self.taus)!r}, nonskip_rate={self.nonskip_rate!r})"
@@ -297,9 +364,12 @@ class Plan:
     # ---- JSON
 
     def _content(self) -> dict[str, Any]:
-        """The document without ``plan_id`` and ``checksum``: exactly what the checksum covers."""
+        """The document without ``plan_id`` and ``checksum``: exactly what the checksum covers. Paper-mode plans
+        have no ``mode``/``forecast`` keys, so their documents and checksums are those of format 1."""
+        forecast_keys = {} if self.mode == "paper" else {"mode": self.mode, "forecast": dict(self.forecast)}
         return {
-            "format": FORMAT,
+            "format": self.format,
+            **forecast_keys,
             "created_at": self.created_at,
             "signature": self.signature.to_dict(),
             "taus": dict(self.taus),
@@ -312,7 +382,7 @@ class Plan:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``invardiff-plan/1`` document as plain JSON values."""
+        """The plan document (format 1 in paper mode, 2 in forecast mode) as plain JSON values."""
         content = self._content()
         return {"format": content.pop("format"), "plan_id": self.plan_id, "checksum": self.checksum, **content}
 
@@ -322,12 +392,12 @@ class Plan:
 
     @classmethod
     def from_dict(cls, doc: Any, *, source: str = "<dict>") -> Plan:
-        """Validate (schema, consistency, checksum) and decode an ``invardiff-plan/1`` document."""
+        """Validate (schema, consistency, checksum) and decode a plan document of either format."""
         if not isinstance(doc, dict):
             raise PlanError(f"{source}: a plan is a JSON object, got {type(doc).__name__}")
-        if doc.get("format") != FORMAT:
+        if doc.get("format") not in FORMATS:
             hint = " (a paper-era cache-book file? convert it first)" if "step_cache_book" in doc else ""
-            raise PlanError(f"{source}: format: expected {FORMAT!r}, got {doc.get('format')!r}{hint}")
+            raise PlanError(f"{source}: format: expected one of {list(FORMATS)}, got {doc.get('format')!r}{hint}")
         _validate_schema(doc, source)
         try:
             plan = cls(
@@ -340,9 +410,13 @@ class Plan:
                 rho_phase2=_decode_rates("rho_phase2", doc["rho_phase2"]),
                 calibration=doc["calibration"],
                 created_at=doc["created_at"],
+                mode=doc.get("mode", "paper"),
+                forecast=doc.get("forecast"),
             )
         except ValueError as error:  # PlanError included
             raise PlanError(f"{source}: {error}") from error
+        if plan.format != doc["format"]:
+            raise PlanError(f"{source}: format: a {plan.mode}-mode plan is written as {plan.format!r}, got {doc['format']!r}")
         if plan.checksum != doc["checksum"]:
             raise PlanError(
                 f"{source}: checksum: the file records {doc['checksum']} but its content hashes to {plan.checksum}; "
@@ -356,7 +430,7 @@ class Plan:
     def from_json(cls, text: str | bytes, *, source: str = "<string>") -> Plan:
         try:
             doc = json.loads(text, parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, PlanError) as error:
+        except (UnicodeDecodeError, json.JSONDecodeError, PlanError, RecursionError) as error:
             raise PlanError(f"{source}: not a valid JSON document: {error}") from error
         return cls.from_dict(doc, source=source)
 
@@ -445,19 +519,42 @@ def _utc_timestamp(value: str | None) -> str:
     return value
 
 
-@lru_cache(maxsize=1)
-def _schema_validator() -> jsonschema.Draft202012Validator:
-    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+@lru_cache(maxsize=2)
+def _schema_validator(fmt: str = FORMAT) -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATHS[fmt].read_text(encoding="utf-8"))
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
 
 
 def _validate_schema(doc: Mapping[str, Any], source: str) -> None:
-    errors = sorted(_schema_validator().iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
+    fmt = doc.get("format") if doc.get("format") in FORMATS else FORMAT
+    errors = sorted(_schema_validator(fmt).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
         shown = "; ".join(f"{_json_path(e.absolute_path)}: {e.message}" for e in errors[:5])
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise PlanError(f"{source}: does not match the {FORMAT} schema: {shown}{more}")
+        raise PlanError(f"{source}: does not match the {fmt} schema: {shown}{more}")
+
+
+def _check_forecast(mode: str, forecast: Mapping[str, Any] | None, step_gate: np.ndarray) -> dict[str, Any] | None:
+    if mode not in MODES:
+        raise PlanError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if mode == "paper":
+        if forecast is not None:
+            raise PlanError("forecast: a paper-mode plan has no forecast section")
+        return None
+    if not isinstance(forecast, Mapping) or set(forecast) != {"target", "orders"}:
+        raise PlanError("forecast: expected an object with 'target' and 'orders'")
+    if forecast["target"] not in FORECAST_TARGETS:
+        raise PlanError(f"forecast.target: expected one of {list(FORECAST_TARGETS)}, got {forecast['target']!r}")
+    try:
+        schedule = parse_orders(forecast["orders"]) if isinstance(forecast["orders"], str) else None
+    except ValueError as error:
+        raise PlanError(f"forecast.orders: {error}") from error
+    if schedule is None or schedule.num_steps != step_gate.size:
+        raise PlanError(f"forecast.orders: expected one character per step ({step_gate.size})")
+    if not np.array_equal(~schedule.compute, step_gate):
+        raise PlanError("forecast.orders: its computed steps ('-') must be exactly the steps step_gate does not gate")
+    return {"target": str(forecast["target"]), "orders": str(forecast["orders"])}
 
 
 def _json_path(path) -> str:

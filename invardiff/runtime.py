@@ -13,8 +13,16 @@ Four kinds of small hooks, all registered through diffusers' `HookRegistry` and 
 * `InvarDiffModuleHook` on every cacheable module: returns its slot when the plan says reuse, else computes and
   writes through when a later row reuses the value.
 
+Forecast-mode plans (`invardiff.forecast`) fill a gated step by extrapolating from the last two computed steps
+instead of copying the last one. With `target: residual` the stack input hook embeds the latent as usual and
+adds the forecast residual `H - E` to it (the blocks pass through as on a paper-gated step); with
+`target: modules` the blocks run and every cache site returns its forecast output. Each forecast is
+`last + g * (last - previous)` of that row's own tensors with a per-step scalar `g` taken from the plan, so it is
+batch-invariant and deterministic. Memory: two tensors per forecast value (the last value and its difference
+to the one before), as TaylorSeer's order 1 keeps.
+
 Everything the hooks decide at run time is precomputed from the plan at `apply_invardiff` time into lists of
-Python bools, so the hot path makes no host-device syncs and allocates nothing beyond what the model does.
+Python bools and floats, so the hot path makes no host-device syncs and no data-dependent branches.
 """
 
 from __future__ import annotations
@@ -70,26 +78,44 @@ class CacheStats:
 
 @dataclass(frozen=True)
 class SiteSchedule:
-    """Per step, for one cache site: whether it returns its slot, and whether the slot holds a value afterwards."""
+    """Per step, for one cache site: whether it returns its slot, and whether the slot holds a value afterwards.
+    In a modules-target forecast plan, `forecast[k]` is the gain g of a forecast step (None elsewhere) and
+    `track` says the site keeps its last value and difference for forecasting."""
 
     reuse: list[bool]
     keep: list[bool]
+    forecast: list[float | None] | None = None
+    track: bool = False
 
 
 @dataclass(frozen=True)
 class Schedule:
     num_steps: int
-    gated: list[bool]  # step skips every block and reuses H
+    gated: list[bool]  # the step's blocks are skipped or forecast: counts as not computed
     keep_h: list[bool]  # H must be held after this step (the next step is gated)
     sites: list[SiteSchedule]
     layers: dict[str, int]
     computed_per_step: dict[str, list[int]]  # family -> module evaluations that run at each step
+    skip_blocks: list[bool]  # every block passes through (paper gate, residual forecast)
+    residual_gain: list[float | None]  # residual forecast: g per gated step, None elsewhere
+    track_residual: bool = False
+
+
+def _forecast_gains(plan: Any, num_steps: int) -> list[float | None] | None:
+    from .forecast import forecast_gain
+
+    schedule = plan.forecast_schedule
+    if schedule.num_steps != num_steps:
+        raise ValueError(f"plan {plan.plan_id}: forecast orders cover {schedule.num_steps} steps, the plan {num_steps}")
+    return [None if schedule.compute[k] else forecast_gain(schedule, k) for k in range(num_steps)]
 
 
 def build_schedule(plan: Any, adapter: TransformerAdapter, transformer: torch.nn.Module) -> Schedule:
     layers = adapter.layers(transformer)
     step_gate, books = check_books(plan.step_gate, plan.modules, layers, what=f"plan {getattr(plan, 'plan_id', '?')}")
     num_steps = len(step_gate)
+    if getattr(plan, "mode", "paper") == "forecast":
+        return _build_forecast_schedule(plan, adapter, transformer, books, layers)
     # Step 0 always computes: there is no H to reuse yet. With step 0 computed, every gated step has an H, because
     # H is kept from the last computed step for as long as the following steps are gated.
     gated = [bool(step_gate[k]) and k > 0 for k in range(num_steps)]
@@ -120,7 +146,75 @@ def build_schedule(plan: Any, adapter: TransformerAdapter, transformer: torch.nn
             if not reuse[k]:
                 for family in site.families:
                     computed_per_step[family][k] += 1
-    return Schedule(num_steps, gated, keep_h, sites, layers, computed_per_step)
+    return Schedule(
+        num_steps, gated, keep_h, sites, layers, computed_per_step, skip_blocks=gated, residual_gain=[None] * num_steps
+    )
+
+
+def _build_forecast_schedule(plan: Any, adapter, transformer, books, layers) -> Schedule:
+    """Forecast mode: the plan's orders decide the gated steps; the books decide reuse on computed steps.
+
+    A site's forecast extrapolates from the last two steps at which *that site* computed, so a module the books
+    reuse on a computed step is forecast from its own history, not from the step's.
+    """
+    num_steps = plan.num_steps
+    gains = _forecast_gains(plan, num_steps)
+    gated = [g is not None for g in gains]
+    target = plan.forecast["target"]
+    computed_per_step = {family: [0] * num_steps for family in layers}
+    sites = []
+    for site in adapter.cache_sites(transformer):
+        wants_reuse = [all(books[family][site.layer][k] for family in site.families) for k in range(num_steps)]
+        reuse, forecast = [False] * num_steps, [None] * num_steps
+        computed_at: list[int] = []
+        for k in range(num_steps):
+            if gated[k]:
+                if target == "modules":
+                    forecast[k] = _site_gain(computed_at, k, order=0 if gains[k] == 0.0 else 1)
+                continue
+            reuse[k] = wants_reuse[k] and bool(computed_at)
+            if not reuse[k]:
+                computed_at.append(k)
+                for family in site.families:
+                    computed_per_step[family][k] += 1
+        # Paper-style copies need the value held from one computed step to the next; forecasts track it always.
+        keep = [any(reuse[j] for j in range(k + 1, num_steps)) for k in range(num_steps)]
+        sites.append(SiteSchedule(reuse=reuse, keep=keep, forecast=forecast, track=target == "modules"))
+    skip_blocks = gated if target == "residual" else [False] * num_steps
+    residual_gain = gains if target == "residual" else [None] * num_steps
+    return Schedule(
+        num_steps,
+        gated,
+        [False] * num_steps,
+        sites,
+        layers,
+        computed_per_step,
+        skip_blocks=skip_blocks,
+        residual_gain=residual_gain,
+        track_residual=target == "residual",
+    )
+
+
+def _site_gain(computed_at: list[int], k: int, order: int) -> float:
+    if order == 0 or len(computed_at) < 2:
+        return 0.0
+    a, b = computed_at[-2], computed_at[-1]
+    return (k - b) / (b - a)
+
+
+def _extrapolate(last: Any, diff: Any, gain: float) -> Any:
+    """last + gain * diff, elementwise per row; tuples (FLUX joint attention) element by element."""
+    if isinstance(last, tuple):
+        return tuple(_extrapolate(x, d, gain) for x, d in zip(last, diff))
+    if last is None or gain == 0.0:
+        return last
+    return torch.add(last, diff, alpha=gain)
+
+
+def _difference(new: Any, old: Any) -> Any:
+    if isinstance(new, tuple):
+        return tuple(_difference(x, o) for x, o in zip(new, old))
+    return None if new is None else new - old
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,11 +228,16 @@ class InvarDiffState(BaseState):
         self.step = 0
         self.slots: dict[int, Any] = {}  # cache-site index -> its last computed output (a tensor or a tuple)
         self.h_last: torch.Tensor | None = None
+        # Forecast mode: per site (or for the residual, key -1) the difference of the last two computed values.
+        self.diffs: dict[int, Any] = {}
+        self.e_now: torch.Tensor | None = None  # the stack input of the step in flight (residual target)
 
     def reset(self) -> None:
         self.step = 0
         self.slots.clear()
         self.h_last = None
+        self.diffs.clear()
+        self.e_now = None
 
 
 class _StatsCounter:
@@ -179,7 +278,7 @@ class InvarDiffRuntime:
         self.plan_id = plan_id
         self.stats = _StatsCounter(schedule)
         self.active: InvarDiffState | None = None  # set only while a transformer call runs
-        self.gated = False
+        self.gated = False  # the blocks of the call in flight pass through
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,8 +299,8 @@ class InvarDiffStepHook(ModelHook):
         runtime.adapter.check_call(args, kwargs)
         state = self.state_manager.get_state()
         step = state.step
-        gated = runtime.schedule.gated[step]
-        if gated and state.h_last is None:
+        gated = runtime.schedule.skip_blocks[step]
+        if gated and runtime.schedule.residual_gain[step] is None and state.h_last is None:
             self.clear()
             raise RuntimeError(f"InvarDiff: step {step} is gated but no H is cached; the cache state is out of step.")
         runtime.active, runtime.gated = state, gated
@@ -212,7 +311,7 @@ class InvarDiffStepHook(ModelHook):
             self.clear()
             raise
         runtime.active = None
-        if gated and not runtime.schedule.keep_h[step]:
+        if gated and not runtime.schedule.keep_h[step] and not runtime.schedule.track_residual:
             state.h_last = None
         runtime.stats.add_step(step)
         state.step = step + 1
@@ -239,10 +338,19 @@ class InvarDiffStackInputHook(ModelHook):
         self.runtime = runtime
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        state = self.runtime.active
-        if state is not None and self.runtime.gated:
-            return state.h_last
-        return self.fn_ref.original_forward(*args, **kwargs)
+        runtime = self.runtime
+        state = runtime.active
+        if state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        gain = runtime.schedule.residual_gain[state.step]
+        if runtime.gated and gain is None:
+            return state.h_last  # paper gate: H of the last computed step, embedding not even run
+        embedded = self.fn_ref.original_forward(*args, **kwargs)
+        if gain is not None:  # residual forecast: E_k + r_b + g (r_b - r_a)
+            return _extrapolate(state.h_last, state.diffs.get(-1), gain) + embedded
+        if runtime.schedule.track_residual:
+            state.e_now = embedded
+        return embedded
 
 
 class InvarDiffBlockHook(ModelHook):
@@ -260,8 +368,15 @@ class InvarDiffBlockHook(ModelHook):
             return runtime.adapter.block_passthrough(args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_last:
-            keep = runtime.schedule.keep_h[state.step]
-            state.h_last = runtime.adapter.step_feature(output) if keep else None
+            if runtime.schedule.track_residual:
+                # h_last holds the residual r = H - E here, diffs[-1] its change since the previous computed step
+                residual = runtime.adapter.step_feature(output) - state.e_now
+                if state.h_last is not None:
+                    state.diffs[-1] = residual - state.h_last
+                state.h_last, state.e_now = residual, None
+            else:
+                keep = runtime.schedule.keep_h[state.step]
+                state.h_last = runtime.adapter.step_feature(output) if keep else None
         return output
 
 
@@ -277,17 +392,37 @@ class InvarDiffModuleHook(ModelHook):
         if state is None:  # called outside a transformer call
             return self.fn_ref.original_forward(*args, **kwargs)
         step = state.step
-        if self.schedule.reuse[step]:
+        schedule = self.schedule
+        if schedule.track:
+            return self._forecast_or_track(state, step, args, kwargs)
+        if schedule.reuse[step]:
             output = state.slots.get(self.site_index)
             if output is None:
                 name = self.runtime.sites[self.site_index].name
                 raise RuntimeError(f"InvarDiff: {name} should reuse at step {step} but holds no output.")
         else:
             output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.schedule.keep[step]:
+        if schedule.keep[step]:
             state.slots[self.site_index] = output
         else:
             state.slots.pop(self.site_index, None)
+        return output
+
+    def _forecast_or_track(self, state: InvarDiffState, step: int, args, kwargs):
+        """Modules-target forecast plans: forecast on gated steps, copy where the books reuse, else compute and
+        remember the value and its change for later forecasts."""
+        index, schedule = self.site_index, self.schedule
+        last = state.slots.get(index)
+        gain = schedule.forecast[step]
+        if gain is not None or schedule.reuse[step]:
+            if last is None:
+                name = self.runtime.sites[index].name
+                raise RuntimeError(f"InvarDiff: {name} should forecast at step {step} but holds no output.")
+            return last if gain is None else _extrapolate(last, state.diffs.get(index), gain)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if last is not None:
+            state.diffs[index] = _difference(output, last)
+        state.slots[index] = output
         return output
 
 
@@ -358,7 +493,7 @@ def invardiff_cache_contents(transformer: torch.nn.Module) -> dict[str, dict[str
     contents = {}
     for name, state in hook.state_manager.states().items():
         tensors = [state.h_last] if state.h_last is not None else []
-        for value in state.slots.values():
+        for value in [*state.slots.values(), *state.diffs.values()]:
             tensors.extend(value if isinstance(value, (tuple, list)) else [value])
         contents[name] = {
             "step": state.step,
