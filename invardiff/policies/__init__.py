@@ -1,0 +1,1 @@
+"""Cache policies besides InvarDiff's calibrated plans: Learning-to-Cache and DiCache."""
