@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -11,21 +12,50 @@ log = logging.getLogger("invardiff")
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     import ray
 
+    from jobs import console
+
+    console.quiet_ray()
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **console.ray_init_options())
         return
-    # Loopback only: otherwise Ray binds the machine's external interface (environment-notes.md).
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    with _loopback_only():
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            configure_logging=True,
+            **console.ray_init_options(),
+        )
+
+
+# Ray resolves "127.0.0.1" given as the node address back to the machine's external address, unless it runs in
+# single-machine mode (the mode Ray uses on macOS/Windows, off by default on Linux). In that mode the GCS, raylet,
+# workers, dashboard agent and runtime-env agent all bind 127.0.0.1 (measured with Ray 2.60; otherwise they bind
+# `*`, 0.0.0.0 or the external address: tests/test_output_contract.py checks). The variable reaches the processes
+# ray.init starts (workers inherit the raylet's environment); the attribute, read at call time by
+# ray._private.services.get_node_ip_address, covers this process, which imported ray already. Both are restored
+# after the start, so a later `ray start` or cluster connection from this process is not made single-machine.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    import ray._private.ray_constants as ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
 
 
 def cluster_gpus() -> int:
