@@ -360,6 +360,7 @@ def peak_memory(generator, method: Method, requests, counter) -> int:
 
 def run_bench(config: BenchConfig, out: Path, *, command: str = "", say: Callable[[str], None] = print) -> dict:
     from benchmarks.peers import ModuleCounter
+    from jobs.console import Progress
 
     started = time.perf_counter()
     out = Path(out)
@@ -383,11 +384,13 @@ def run_bench(config: BenchConfig, out: Path, *, command: str = "", say: Callabl
     requests = requests_for(generator, config.images)
     rounds = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     runs: dict[str, list[Run]] = {m.name: [] for m in live}
+    progress = Progress(f"bench, {len(rounds)} rounds x {len(live)} methods", len(requests) * len(live)).start()
     for r, chunk in enumerate(rounds):
         order = live[r % len(live) :] + live[: r % len(live)]
-        say(f"round {r + 1}/{len(rounds)} ({len(chunk)} images, {len(order)} methods)")
         for method in order:
             runs[method.name].append(run_once(generator, method, chunk, counter))
+            progress.advance(len(chunk))
+    progress.close()
 
     table = summarise(generator, config, rows, runs, memory, errors)
     env = environment(generator, config, command, time.perf_counter() - started)

@@ -151,15 +151,15 @@ class Progress:
                 # The first items arrived as a block after the start-up; the rate counts what came after.
                 self._first = (self.clock(), done)
             self.done = done
-        if not self.interactive and self.total is not None and done >= self.total:
-            self._print_line()
+        self._show()
 
     def follow(self, read: Callable[[], int]) -> None:
-        """Poll `read()` for the count every TICK_S until the block ends (errors while reading are ignored:
-        a progress line must never fail a job)."""
+        """Poll `read()` for the count every TICK_S until the line is closed (errors while reading are
+        ignored: a progress line must never fail a job)."""
         self._read = read
-
-    # ---- what is shown
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._tick, name=f"progress-{self.label}", daemon=True)
+            self._thread.start()
 
     def rate(self) -> float | None:
         with self._lock:
@@ -197,7 +197,9 @@ class Progress:
 
     # ---- lifecycle
 
-    def __enter__(self) -> Progress:
+    def start(self) -> Progress:
+        """Show the line. Without `follow`, nothing runs in the background: a line left open by an exception
+        just stops changing."""
         self._started = self.clock()
         if self.interactive:
             self._bar = _rich_bar(self)
@@ -205,11 +207,9 @@ class Progress:
             self._bar.add_task(self.label, total=self.total)
         else:
             self._print_line()
-        self._thread = threading.Thread(target=self._tick, name=f"progress-{self.label}", daemon=True)
-        self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -221,11 +221,25 @@ class Progress:
         else:
             self._print_line()
 
+    def __enter__(self) -> Progress:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _show(self) -> None:
+        if self._bar is not None:
+            self._bar.refresh()
+        elif self.done_counting() or self.clock() - self._last_line_at >= self.interval_s:
+            self._print_line()
+
+    def done_counting(self) -> bool:
+        return self.total is not None and self.done >= self.total
+
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
             self._poll()
-            if not self.interactive and self.clock() - self._last_line_at >= self.interval_s:
-                self._print_line()
+            self._show()
 
     def _poll(self) -> None:
         if self._read is None:
@@ -242,9 +256,35 @@ class Progress:
             if self._printed_done:  # the line saying it is done is the last one
                 return
             self._last_line_at = self.clock()
-            self._printed_done = self.total is not None and self.done >= self.total
+            self._printed_done = self.done_counting()
             text = self.line()
         print(text, file=self.stream, flush=True)
+
+
+class PhaseProgress:
+    """Progress lines for a job that runs in labelled phases, as a callback `phases(label, done, total)`:
+    a new label closes the previous phase's line and opens the next one."""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.current: Progress | None = None
+
+    def __call__(self, label: str, done: int, total: int | None) -> None:
+        if self.current is None or self.current.label != label:
+            self.close()
+            self.current = Progress(label, total, **self.options).start()
+        self.current.update(done)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+    def __enter__(self) -> PhaseProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _is_terminal(stream: IO[str]) -> bool:
@@ -267,6 +307,7 @@ def _rich_bar(progress: Progress):
         BarColumn(),
         StatusColumn(),
         console=Console(file=progress.stream, force_terminal=True),
+        auto_refresh=False,  # redrawn on each update and tick: no thread of rich's own to outlive the job
         transient=False,
         redirect_stdout=False,
         redirect_stderr=False,

@@ -120,3 +120,14 @@ def test_throughput_of_one_batch_has_no_steady_state():
     assert figures.end_to_end == pytest.approx(1.0) and figures.steady_state is None
     assert figures.describe() == "1 images/s end-to-end"
     assert throughput([], [], []).end_to_end is None
+
+
+def test_phase_progress_gives_each_phase_its_own_line():
+    stream = io.StringIO()
+    with console.PhaseProgress(unit="runs", stream=stream, interactive=False) as phases:
+        for label in ("phase 1", "phase 2"):
+            for done in (8, 16):
+                phases(label, done, 16)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["phase 1", "phase 1", "phase 2", "phase 2"]
+    assert lines[1].startswith("phase 1: 16/16 runs") and lines[-1].endswith("done")
