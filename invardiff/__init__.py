@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "CachePolicy": "policy",
+    "DiCachePolicy": "policies.dicache",
+    "L2CPolicy": "policies.l2c",
+    "L2CRouter": "policies.l2c",
+    "make_policy": "policies",
     "InvarDiffPolicy": "policy",
     "NoCache": "policy",
     "RateRecorder": "recorder",
@@ -45,6 +49,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .adapters import UnsupportedModelError, get_adapter, layers
+    from .policies import make_policy
+    from .policies.dicache import DiCachePolicy
+    from .policies.l2c import L2CPolicy, L2CRouter
     from .policy import CachePolicy, InvarDiffPolicy, NoCache
     from .recorder import RateRecorder
     from .runtime import (

@@ -47,7 +47,7 @@ def train_router(
     theta: float,
     iterations: int = 750,
     batch_size: int = 16,
-    lr: float = 5e-2,
+    lr: float = 0.2,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> TrainedRouter:
