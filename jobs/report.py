@@ -7,12 +7,16 @@ How the numbers are made (everything comes from what the rows measured, nothing 
   * images: rows without an error. Error rows are counted and their reasons listed.
   * device time: the sum of `latency_s` over all rows. `latency_s` is a batch's generation time divided
     by its size, i.e. each image's share of its device's time. Error rows' time is included: it was paid.
-  * cost: device time x the device's price per hour (configs/prices.yaml, by `device_name`, `cpu` for
+  * cost: device time x the device's price per hour (jobs/prices.yaml, by `device_name`, `cpu` for
     CPU rows). $ per image = total cost / images.
   * wall time: first batch start to last finish. A batch started at finished_at - latency_s x batch_size.
-  * speedup (with a baseline run of the same manifest, uncached): rows joined on `id`; the ratio of
-    summed device time, the median of per-image ratios, the cost ratio, and PSNR/SSIM of the cached PNGs
-    against the baseline PNGs on a deterministic sample of ids.
+  * throughput: end-to-end and steady-state images/s, defined in jobs/throughput.py; `invardiff generate`
+    prints the same two figures for the rows it wrote.
+  * speedup (with a baseline run of the same manifest, uncached): rows paired on `id`, and only when both
+    rows were made from the same request (seed, class_label / prompt), else the report is refused; the
+    ratio of summed device time, the median of per-image ratios, the cost ratio, and PSNR/SSIM of the cached
+    PNGs against the baseline PNGs on a deterministic sample of ids, with the worst, median and best pair
+    shown side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import typer
+
+from jobs.throughput import Throughput, throughput
 
 if TYPE_CHECKING:  # pandas costs about a second to import; the CLI loads this module on every call.
     import pandas as pd
@@ -50,10 +56,13 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 # Shown when present; the report does not depend on them.
 DESCRIPTIVE_COLUMNS: tuple[str, ...] = ("model_id", "policy", "plan_id", "worker_id", "seed", "peak_memory_bytes")
+# What a row was made from: a baseline row stands for the same image only if all of these agree.
+REQUEST_COLUMNS: tuple[str, ...] = ("seed", "class_label", "prompt")
 # Per-image quality columns a generation job may add (e.g. fidelity to a reference computed in the job).
 FIDELITY_COLUMNS: tuple[str, ...] = ("psnr", "ssim", "ms_ssim", "lpips")
 
-DEFAULT_PRICES_PATH = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
+# Package data (pyproject: jobs/*.yaml), so that a non-editable install, such as a cluster image, finds it.
+DEFAULT_PRICES_PATH = Path(__file__).resolve().parent / "prices.yaml"
 DEFAULT_FIDELITY_SAMPLE = 1000
 CPU_PRICE_KEY = "cpu"
 
@@ -67,7 +76,7 @@ class ReportInputError(ValueError):
 
 
 def load_prices(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, float]:
-    """USD per device-hour by device key, from a prices YAML (default configs/prices.yaml) plus
+    """USD per device-hour by device key, from a prices YAML (default jobs/prices.yaml) plus
     `DEVICE=USD_PER_HOUR` overrides."""
     import yaml
 
@@ -205,7 +214,7 @@ def _check_required_columns(uri: str, role: str, paths: Sequence[str], schemas: 
 
 def read_rows(files: OutputFiles) -> pd.DataFrame:
     """Every column the report uses, except the PNG bytes."""
-    return files.read([*REQUIRED_COLUMNS, *DESCRIPTIVE_COLUMNS, *FIDELITY_COLUMNS])
+    return files.read(list(dict.fromkeys([*REQUIRED_COLUMNS, *DESCRIPTIVE_COLUMNS, *REQUEST_COLUMNS, *FIDELITY_COLUMNS])))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,6 +286,17 @@ class MetricSummary:
 
 
 @dataclass(frozen=True)
+class SamplePair:
+    """One compared image, as PNG bytes from both runs, for the report's picture of cached vs baseline."""
+
+    label: str  # "worst PSNR", "median PSNR", "best PSNR"
+    image_id: str
+    psnr: float  # inf when identical
+    baseline_png: bytes
+    cached_png: bytes
+
+
+@dataclass(frozen=True)
 class BaselineComparison:
     uri: str
     matched_images: int
@@ -288,6 +308,7 @@ class BaselineComparison:
     fidelity: dict[str, MetricSummary]
     fidelity_images: int
     notes: tuple[str, ...]
+    samples: tuple[SamplePair, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +325,7 @@ class Report:
     device_seconds: float
     total_cost_usd: float | None
     cost_per_image_usd: float | None
-    images_per_second: float | None
+    throughput: Throughput
     images_per_device_hour: float | None
     steps_computed: int
     steps_total: int
@@ -320,6 +341,11 @@ class Report:
     policies: tuple[str, ...] = ()
     plan_ids: tuple[str, ...] = ()
     files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float | None:
+        """End-to-end images/s (jobs/throughput.py)."""
+        return self.throughput.end_to_end
 
     @property
     def step_reuse(self) -> float | None:
@@ -374,6 +400,14 @@ def summarize_metric(values: Iterable[float]) -> MetricSummary:
     )
 
 
+def _throughput(ok: pd.DataFrame) -> Throughput:
+    import pandas as pd
+
+    timed = ok.dropna(subset=["finished_at"])
+    finished = (timed["finished_at"] - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
+    return throughput(finished, timed["latency_s"].to_numpy(), timed["batch_size"].to_numpy())
+
+
 def _distinct(rows: pd.DataFrame, column: str) -> tuple[str, ...]:
     if column not in rows:
         return ()
@@ -404,7 +438,7 @@ def summarize_run(uri: str, rows: pd.DataFrame, prices: Mapping[str, float]) -> 
         device_seconds=device_seconds,
         total_cost_usd=total_cost,
         cost_per_image_usd=_per_image(total_cost, images),
-        images_per_second=images / wall if wall else None,
+        throughput=_throughput(ok),
         images_per_device_hour=images / (device_seconds / 3600.0) if device_seconds > 0 else None,
         steps_computed=int(ok["steps_computed"].sum()),
         steps_total=int(ok["steps_total"].sum()),
@@ -470,13 +504,15 @@ def fidelity_sample(ids: Iterable[str], size: int | None) -> list[str]:
 
 def image_fidelity(
     current: OutputFiles, baseline: OutputFiles, ids: Sequence[str]
-) -> tuple[dict[str, MetricSummary], int, list[str]]:
-    """PSNR and SSIM of the cached images against the baseline's, for the given ids."""
+) -> tuple[dict[str, MetricSummary], dict[str, float], list[str]]:
+    """PSNR and SSIM of the cached images against the baseline's, for the given ids: the summaries, each
+    compared id's PSNR, and notes."""
     cached_png = current.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
     baseline_png = baseline.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
     psnrs, ssims, notes = [], [], []
+    compared_ids: list[str] = []
     shape_mismatches = 0
-    pairs_by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    pairs_by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {}
     for image_id in ids:
         cached_bytes, baseline_bytes = cached_png.get(image_id), baseline_png.get(image_id)
         if cached_bytes is None or baseline_bytes is None:
@@ -485,10 +521,12 @@ def image_fidelity(
         if cached.shape != reference.shape:
             shape_mismatches += 1
             continue
-        references, tests = pairs_by_shape.setdefault(cached.shape, ([], []))
+        references, tests, shape_ids = pairs_by_shape.setdefault(cached.shape, ([], [], []))
         references.append(reference)
         tests.append(cached)
-    for references, tests in pairs_by_shape.values():
+        shape_ids.append(image_id)
+    for references, tests, shape_ids in pairs_by_shape.values():
+        compared_ids.extend(shape_ids)
         # Batches of a bounded size: a 1000-image sample of 1024 px RGB would be GBs as float tensors.
         for start in range(0, len(references), 64):
             batch_psnr, batch_ssim = _batch_metrics(references[start : start + 64], tests[start : start + 64])
@@ -497,7 +535,28 @@ def image_fidelity(
     if shape_mismatches:
         notes.append(f"{shape_mismatches} image(s) differ in size from the baseline and were not compared")
     summaries = {"psnr": summarize_metric(psnrs), "ssim": summarize_metric(ssims)} if psnrs else {}
-    return summaries, len(psnrs), notes
+    return summaries, dict(zip(compared_ids, psnrs, strict=True)), notes
+
+
+SAMPLE_LABELS = ("worst PSNR", "median PSNR", "best PSNR")
+
+
+def sample_pairs(current: OutputFiles, baseline: OutputFiles, psnr_by_id: Mapping[str, float]) -> tuple[SamplePair, ...]:
+    """The compared images with the worst, median and best PSNR (ties broken by id), as PNG bytes."""
+    if not psnr_by_id:
+        return ()
+    ranked = sorted(psnr_by_id, key=lambda image_id: (psnr_by_id[image_id], image_id))
+    picks = dict(zip(SAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]), strict=True))
+    ids = sorted(set(picks.values()))
+    cached = current.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
+    reference = baseline.read(["id", "png"], ids).drop_duplicates("id", keep="last").set_index("id")["png"]
+    shown, pairs = set(), []
+    for label, image_id in picks.items():
+        if image_id in shown:  # fewer than three images compared
+            continue
+        shown.add(image_id)
+        pairs.append(SamplePair(label, image_id, psnr_by_id[image_id], reference[image_id], cached[image_id]))
+    return tuple(pairs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -521,17 +580,19 @@ def compare_with_baseline(
         )
     cached, reference = cached.loc[ids], reference.loc[ids]
     notes = _baseline_notes(cached, reference, len(current_rows[current_rows["ok"]]), len(ids))
+    notes.extend(check_pairing(cached, reference, current.uri, baseline.uri))
 
     cached_seconds = float(cached["latency_s"].sum())
     positive = cached["latency_s"] > 0
     per_image = reference.loc[positive, "latency_s"] / cached.loc[positive, "latency_s"]
     cached_cost, baseline_cost = _total_cost(cached["cost_usd"]), _total_cost(reference["cost_usd"])
 
-    fidelity, fidelity_images = {}, 0
+    fidelity, psnr_by_id, samples = {}, {}, ()
     if "png" in current.columns and "png" in baseline.columns:
         sample = fidelity_sample(ids, max_fidelity_images)
-        fidelity, fidelity_images, fidelity_notes = image_fidelity(current, baseline, sample)
+        fidelity, psnr_by_id, fidelity_notes = image_fidelity(current, baseline, sample)
         notes.extend(fidelity_notes)
+        samples = sample_pairs(current, baseline, psnr_by_id)
     else:
         notes.append("no png column in both runs: image fidelity not computed")
 
@@ -544,8 +605,9 @@ def compare_with_baseline(
         baseline_cost_per_image_usd=_per_image(baseline_cost, len(ids)),
         cached_cost_per_image_usd=_per_image(cached_cost, len(ids)),
         fidelity=fidelity,
-        fidelity_images=fidelity_images,
+        fidelity_images=len(psnr_by_id),
         notes=tuple(notes),
+        samples=samples,
     )
 
 
@@ -557,10 +619,44 @@ def _baseline_notes(cached: pd.DataFrame, reference: pd.DataFrame, cached_images
         baseline_policies = sorted({str(p) for p in reference["policy"].dropna().unique()} - {"none"})
         if baseline_policies:
             notes.append(f"baseline rows use cache policy {', '.join(baseline_policies)}, not 'none'")
-    if "seed" in cached and "seed" in reference:
-        differing = int((cached["seed"] != reference["seed"]).sum())
-        if differing:
-            notes.append(f"{differing} matched id(s) have different seeds: not the same manifest rows")
+    return notes
+
+
+def _shown(value: Any) -> str:
+    value = value.item() if isinstance(value, np.generic) else value
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_pairing(cached: pd.DataFrame, reference: pd.DataFrame, current_uri: str, baseline_uri: str) -> list[str]:
+    """Refuse pairs of rows (same id, indexed by id) that were made from different requests: the seed, class
+    label or prompt differ, so the two images are not the same image with and without caching. Returns notes
+    for what could not be checked (a column one run lacks)."""
+    import pandas as pd
+
+    notes, differing = [], pd.Series(False, index=cached.index)
+    for column in REQUEST_COLUMNS:
+        present = [column in cached, column in reference]
+        if not any(present):
+            continue
+        if not all(present):
+            lacking = baseline_uri if present[0] else current_uri
+            notes.append(f"UNCHECKED PAIRING: {lacking} has no {column} column, so pairs agree on id only")
+            continue
+        mine, theirs = cached[column], reference[column]
+        differing |= ~((mine == theirs) | (mine.isna() & theirs.isna()))
+    if differing.any():
+        examples = []
+        for image_id in differing[differing].index[:2]:
+            fields = [c for c in REQUEST_COLUMNS if c in cached and c in reference
+                      and not (cached.at[image_id, c] == reference.at[image_id, c]
+                               or (pd.isna(cached.at[image_id, c]) and pd.isna(reference.at[image_id, c])))]
+            examples.append(f"{image_id}: " + ", ".join(
+                f"{c} {_shown(cached.at[image_id, c])} here, {_shown(reference.at[image_id, c])} in the baseline"
+                for c in fields))
+        raise ReportInputError(
+            f"baseline {baseline_uri}: {int(differing.sum())} of {len(differing)} shared id(s) were made from another "
+            f"request (e.g. {'; '.join(examples)}); compare runs of the same manifest"
+        )
     return notes
 
 
@@ -647,7 +743,7 @@ def report_command(
         report = build_report(out, report_dir, prices, baseline, options, fidelity_images)
     except ReportInputError as error:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=1) from None
+        raise typer.Exit(code=2) from None
     from jobs.report_render import format_usd
 
     typer.echo(

@@ -1,22 +1,21 @@
 """Turn a `jobs.report.Report` into Markdown, self-contained HTML and PNG plots.
 
-Both documents are rendered from one list of sections, so they always say the same thing. The HTML
-embeds its plots as data URIs and its styles inline: one file that can be mailed or attached to a
-ticket, with no network access needed to open it.
+Both documents are rendered from one list of sections by Jinja2 templates (jobs/templates/), so they always
+say the same thing. The HTML embeds its plots as data URIs and its styles inline: one file that can be
+mailed or attached to a ticket, with no network access needed to open it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from jobs.report import GroupCost, MetricSummary, Report
+from jobs.report import GroupCost, MetricSummary, Report, SamplePair, decode_png
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,6 +25,13 @@ PLOT_FILES = {
     "cost_per_image.png": "Cost per image by device and by node",
     "images_per_node.png": "Images finished per node over time",
 }
+SAMPLES_FILE = "samples.png"
+SAMPLES_CAPTION = (
+    "Baseline and cached image of the same request, for the compared images with the worst, median and best "
+    "PSNR; the third column is their absolute difference, amplified"
+)
+# Differences of a few grey levels are what caching causes; unamplified they would look black.
+DIFFERENCE_GAIN = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -85,6 +91,7 @@ def format_metric(value: float | None, name: str) -> str:
 @dataclass(frozen=True)
 class KeyValues:
     items: Sequence[tuple[str, str, str]]  # (html id, label, value)
+    kind: ClassVar[str] = "key_values"
 
 
 @dataclass(frozen=True)
@@ -92,17 +99,20 @@ class Table:
     headers: Sequence[str]
     rows: Sequence[Sequence[str]]
     table_id: str
+    kind: ClassVar[str] = "table"
 
 
 @dataclass(frozen=True)
 class Paragraph:
     text: str
+    kind: ClassVar[str] = "paragraph"
 
 
 @dataclass(frozen=True)
 class Figure:
     file_name: str
     caption: str
+    kind: ClassVar[str] = "figure"
 
 
 @dataclass(frozen=True)
@@ -116,10 +126,10 @@ def build_sections(report: Report, plot_names: Sequence[str]) -> list[Section]:
     if report.quality:
         sections.append(quality_section(report.quality))
     if report.baseline is not None:
-        sections.append(baseline_section(report))
+        sections.append(baseline_section(report, SAMPLES_FILE in plot_names))
     if report.error_reasons:
         sections.append(errors_section(report))
-    sections.append(Section("Plots", [Figure(name, PLOT_FILES[name]) for name in plot_names]))
+    sections.append(Section("Plots", [Figure(name, PLOT_FILES[name]) for name in plot_names if name in PLOT_FILES]))
     sections.append(method_section(report))
     return sections
 
@@ -136,9 +146,6 @@ def _format_period(report: Report) -> str:
 
 def summary_section(report: Report) -> Section:
     per_thousand = report.cost_per_image_usd * 1000 if report.cost_per_image_usd is not None else None
-    throughput = "n/a"
-    if report.images_per_second is not None:
-        throughput = f"{report.images_per_second:.3g} images/s ({report.images_per_second * 3600:,.0f} images/h)"
     per_device_hour = f"{report.images_per_device_hour:,.0f}" if report.images_per_device_hour is not None else "n/a"
     items = [
         ("run", "Run", report.out_uri),
@@ -149,7 +156,8 @@ def summary_section(report: Report) -> Section:
         ("error-rows", "Error rows", format_count(report.error_rows)),
         ("period", "Period (UTC)", _format_period(report)),
         ("wall-time", "Wall time", format_duration(report.wall_seconds)),
-        ("throughput", "Throughput", throughput),
+        # The wording `invardiff generate` prints when it ends (jobs/throughput.py).
+        ("throughput", "Throughput", report.throughput.describe()),
         ("device-time", "Device time", format_duration(report.device_seconds)),
         ("images-per-device-hour", "Images per device-hour", per_device_hour),
         ("total-cost", "Total cost", format_usd(report.total_cost_usd)),
@@ -252,7 +260,7 @@ def quality_section(quality: Mapping[str, MetricSummary]) -> Section:
     )
 
 
-def baseline_section(report: Report) -> Section:
+def baseline_section(report: Report, with_samples: bool = False) -> Section:
     baseline = report.baseline
     assert baseline is not None
     blocks: list = [
@@ -280,6 +288,8 @@ def baseline_section(report: Report) -> Section:
             )
         )
         blocks.append(Table(_METRIC_HEADERS, _metric_rows(baseline.fidelity), "fidelity"))
+    if with_samples:
+        blocks.append(Figure(SAMPLES_FILE, SAMPLES_CAPTION))
     blocks.extend(Paragraph(f"Note: {note}.") for note in baseline.notes)
     return Section("Against the uncached baseline", blocks)
 
@@ -311,102 +321,41 @@ def method_section(report: Report) -> Section:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Markdown
+# Markdown and HTML (Jinja2 templates in jobs/templates/, shipped as package data)
 
 
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines.extend("| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
-def _md_block(block) -> str:
-    if isinstance(block, KeyValues):
-        return _md_table(["Measure", "Value"], [[f"**{label}**", value] for _, label, value in block.items])
-    if isinstance(block, Table):
-        return _md_table(block.headers, block.rows)
-    if isinstance(block, Figure):
-        return f"![{block.caption}]({block.file_name})"
-    return block.text
-
-
-def render_markdown(report: Report, plots: Mapping[str, bytes]) -> str:
-    parts = [f"# InvarDiff run report\n\n`{report.out_uri}`"]
-    for section in build_sections(report, list(plots)):
-        parts.append(f"## {section.title}")
-        parts.extend(_md_block(block) for block in section.blocks)
-    return "\n\n".join(parts) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------
-# HTML
-
-_STYLE = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
-       padding: 0 1rem; color: #1d2330; }
-h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem;
-       border-bottom: 1px solid #d8dce4; padding-bottom: 0.2rem; }
-code { background: #f2f4f8; padding: 0.1rem 0.3rem; border-radius: 3px; }
-table { border-collapse: collapse; margin: 0.6rem 0; } th, td { padding: 0.3rem 0.7rem; text-align: left;
-       border-bottom: 1px solid #e6e9ef; } th { background: #f6f7fa; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-dl { display: grid; grid-template-columns: max-content auto; gap: 0.25rem 1.5rem; }
-dt { color: #5a6272; } dd { margin: 0; font-weight: 600; font-variant-numeric: tabular-nums; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #e6e9ef; }
-figcaption { color: #5a6272; font-size: 0.9rem; }
-"""
-
-
-def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)
-
-
 def _looks_numeric(text: str) -> bool:
     return bool(text) and (text[0].isdigit() or text[0] == "$")
 
 
-def _html_block(block, plots: Mapping[str, bytes]) -> str:
-    if isinstance(block, KeyValues):
-        items = "".join(f'<dt>{_e(label)}</dt><dd id="{_e(key)}">{_e(value)}</dd>' for key, label, value in block.items)
-        return f"<dl>{items}</dl>"
-    if isinstance(block, Table):
-        head = "".join(f"<th>{_e(h)}</th>" for h in block.headers)
-        body = "".join(
-            "<tr>"
-            + "".join(
-                f'<td class="num">{_e(c)}</td>' if i and _looks_numeric(c) else f"<td>{_e(c)}</td>"
-                for i, c in enumerate(row)
-            )
-            + "</tr>"
-            for row in block.rows
-        )
-        return f'<table id="{_e(block.table_id)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    if isinstance(block, Figure):
-        data = base64.b64encode(plots[block.file_name]).decode("ascii")
-        return (
-            f'<figure id="{_e(block.file_name.removesuffix(".png"))}">'
-            f'<img alt="{_e(block.caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{_e(block.caption)}</figcaption></figure>"
-        )
-    return f"<p>{_e(block.text)}</p>"
+def _templates(autoescape: bool):
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("jobs", "templates"),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,  # a misspelt field fails the render instead of printing nothing
+        keep_trailing_newline=True,
+    )
+    environment.filters["md_cell"] = _md_cell
+    environment.filters["md_key_value"] = lambda item: [f"**{item[1]}**", item[2]]
+    environment.filters["b64"] = lambda data: base64.b64encode(data).decode("ascii")
+    environment.tests["numeric_text"] = lambda text: _looks_numeric(str(text))
+    return environment
+
+
+def render_markdown(report: Report, plots: Mapping[str, bytes]) -> str:
+    template = _templates(autoescape=False).get_template("report.md.j2")
+    return template.render(report=report, sections=build_sections(report, list(plots))).rstrip("\n") + "\n"
 
 
 def render_html(report: Report, plots: Mapping[str, bytes]) -> str:
-    body = [f"<h1>InvarDiff run report</h1><p><code>{_e(report.out_uri)}</code></p>"]
-    for section in build_sections(report, list(plots)):
-        body.append(f"<section><h2>{_e(section.title)}</h2>")
-        body.extend(_html_block(block, plots) for block in section.blocks)
-        body.append("</section>")
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>InvarDiff report: {_e(report.out_uri)}</title><style>{_STYLE}</style></head>"
-        f"<body>{''.join(body)}</body></html>\n"
-    )
+    template = _templates(autoescape=True).get_template("report.html.j2")
+    return template.render(report=report, sections=build_sections(report, list(plots)), plots=plots).rstrip("\n") + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -507,9 +456,38 @@ def plot_images_per_node(rows: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
+def plot_samples(samples: Sequence[SamplePair]) -> bytes:
+    """One row per sample (worst, median, best PSNR): baseline, cached, and |difference| x DIFFERENCE_GAIN,
+    each row labelled with what it is, the image id and its PSNR."""
+    figure = _new_figure(width=7.5, height=2.3 * len(samples) + 0.4)
+    axes = figure.subplots(len(samples), 3, squeeze=False)
+    for index, (row, sample) in enumerate(zip(axes, samples, strict=True)):
+        reference, cached = decode_png(sample.baseline_png), decode_png(sample.cached_png)
+        difference = np.abs(reference.astype(np.int16) - cached.astype(np.int16)).max(axis=2)
+        amplified = np.clip(difference * DIFFERENCE_GAIN, 0, 255).astype(np.uint8)
+        psnr = "identical" if np.isinf(sample.psnr) else f"PSNR {sample.psnr:.1f} dB"
+        for ax, image, title in zip(
+            row, (reference, cached, amplified), ("baseline", "cached", f"|difference| × {DIFFERENCE_GAIN}"),
+            strict=True,
+        ):
+            gray = image.ndim == 2 or image.shape[2] == 1
+            ax.imshow(image.squeeze() if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if index == 0:
+                ax.set_title(title, fontsize="small")
+        row[0].set_ylabel(f"{sample.label}\n{_short(sample.image_id, 24)}\n{psnr}", rotation=0, ha="right",
+                          va="center", fontsize="small")
+    return _png(figure)
+
+
 def render_plots(report: Report, rows: pd.DataFrame) -> dict[str, bytes]:
-    return {
+    plots = {
         "latency_hist.png": plot_latency_histogram(rows),
         "cost_per_image.png": plot_cost_per_image(report),
         "images_per_node.png": plot_images_per_node(rows),
     }
+    if report.baseline is not None and report.baseline.samples:
+        plots[SAMPLES_FILE] = plot_samples(report.baseline.samples)
+    return plots

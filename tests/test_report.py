@@ -245,6 +245,60 @@ def test_baseline_speedup_cost_ratio_and_fidelity(run_dir, baseline_dir, tmp_pat
     assert f"| psnr | 5 | {np.mean(finite_psnrs):.2f} |" in markdown
 
 
+def test_samples_show_the_worst_median_and_best_pair(run_dir, baseline_dir, tmp_path):
+    report = build_report(str(run_dir), tmp_path / "report", prices=PRICES, baseline_uri=str(baseline_dir))
+    samples = report.baseline.samples
+    # PSNRs: r3 differs by 10 grey levels (worst), r2 by 5, r6 by 4, r1 and r5 are identical (r5 > r1 by id).
+    assert [(s.label, s.image_id) for s in samples] == [
+        ("worst PSNR", "r3"), ("median PSNR", "r6"), ("best PSNR", "r5")
+    ]
+    assert samples[0].psnr == pytest.approx(expected_psnr(10), rel=1e-5) and math.isinf(samples[2].psnr)
+    assert samples[0].baseline_png == gray_png(130) and samples[0].cached_png == gray_png(120)
+    with Image.open(report.files["samples.png"]) as image:
+        assert image.format == "PNG" and image.height > image.width / 2  # three rows of three panels
+    assert "![Baseline and cached image" in report.files["report.md"].read_text()
+    assert 'id="samples"' in report.files["report.html"].read_text()
+
+
+def test_throughput_is_worded_as_generate_prints_it(run_dir, tmp_path):
+    from jobs.throughput import throughput
+
+    report = build_report(str(run_dir), tmp_path / "report", prices=PRICES)
+    ok = [spec for spec in RUN if spec[6] is None]
+    expected = throughput([spec[5] for spec in ok], [spec[3] for spec in ok], [spec[4] for spec in ok])
+    assert report.throughput == expected
+    # first start +7 s, last finish +30 s; after the first finish (+10 s): r3, r5, r6 in 20 s.
+    assert expected.describe() == "0.217 images/s end-to-end, 0.15 images/s steady-state"
+    assert f"| **Throughput** | {expected.describe()} |" in report.files["report.md"].read_text()
+
+
+def test_baseline_rows_made_from_another_request_are_refused(run_dir, tmp_path):
+    reseeded = [output_row(spec, baseline=True) for spec in RUN]
+    reseeded[2]["seed"] += 1  # r3
+    reseeded[4]["class_label"] = 7  # r5
+    write_parquet_files(reseeded, tmp_path / "reseeded")
+    with pytest.raises(ReportInputError) as raised:
+        build_report(str(run_dir), tmp_path / "report", prices=PRICES, baseline_uri=str(tmp_path / "reseeded"))
+    message = str(raised.value)
+    assert "2 of 5 shared id(s) were made from another request" in message and "\n" not in message
+    assert "r3: seed 1003 here, 1004 in the baseline" in message
+    assert "r5: class_label 5 here, 7 in the baseline" in message
+    assert not (tmp_path / "report").exists()
+
+    app = typer.Typer()
+    app.command()(report_command)
+    result = CliRunner().invoke(app, [str(run_dir), "--out", str(tmp_path / "r"), "--baseline", str(tmp_path / "reseeded")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_baseline_without_request_columns_is_flagged_loudly(run_dir, tmp_path):
+    unseeded = [{k: v for k, v in output_row(spec, baseline=True).items() if k != "seed"} for spec in RUN]
+    write_parquet_files(unseeded, tmp_path / "unseeded")
+    report = build_report(str(run_dir), tmp_path / "report", prices=PRICES, baseline_uri=str(tmp_path / "unseeded"))
+    assert any(note.startswith("UNCHECKED PAIRING") and "no seed column" in note for note in report.baseline.notes)
+    assert "UNCHECKED PAIRING" in report.files["report.md"].read_text()
+
+
 def test_fidelity_sample_limits_the_images_compared(run_dir, baseline_dir, tmp_path):
     report = build_report(
         str(run_dir), tmp_path / "report", prices=PRICES, baseline_uri=str(baseline_dir), max_fidelity_images=2
@@ -392,7 +446,7 @@ def test_report_command_exit_codes(run_dir, tmp_path):
     assert good.exit_code == 0, good.output
     assert "5 images, 1 error rows, $0.00124 per image" in good.output
     bad = runner.invoke(app, [str(tmp_path / "nope"), "--out", str(tmp_path / "report2")])
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2
     assert "does not exist" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "report2").exists()
 
@@ -482,7 +536,7 @@ def test_html_renders_in_headless_chromium_with_the_key_numbers(run_dir, baselin
     assert element_text(dom, "steps") == "150 of 250 (40.0% reused)"
     assert '<table id="by-node">' in dom and "node-b" in dom
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', dom)
-    assert len(images) == 3
+    assert len(images) == 4  # three plots and the cached-vs-baseline samples
     for data in images:
         with Image.open(io.BytesIO(base64.b64decode(data))) as image:
             assert image.format == "PNG"
