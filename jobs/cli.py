@@ -31,6 +31,18 @@ plan_app = typer.Typer(help="Inspect InvarDiff plans.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 
 
+@app.callback()
+def _console_options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", envvar="INVARDIFF_VERBOSE",
+        help="Also show Ray's own progress and logs, worker output and debug messages.",
+    ),
+) -> None:
+    from jobs.console import configure
+
+    configure(verbose)
+
+
 class UserError(Exception):
     """A problem with what the user asked for: printed as one clear message, exit code 2."""
 
@@ -94,6 +106,36 @@ def _resolve_latest_plan(store: Optional[str], config, address: Optional[str]) -
     return plan.to_json()
 
 
+def _shipped_policy(plan_json: Optional[str], *, policy_name: Optional[str], dicache_threshold: Optional[float],
+                    dicache_batch_mode: str) -> Optional[str]:
+    """What the workers get for --policy/--plan: the plan document, a DiCache spec, or None (no caching)."""
+    import json
+
+    from invardiff.policies import POLICIES, policy_spec_json
+
+    if policy_name is not None and policy_name not in POLICIES:
+        raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got {policy_name!r}")
+    if policy_name != "dicache" and (dicache_threshold is not None or dicache_batch_mode != "row"):
+        raise UserError("--dicache-threshold and --dicache-batch-mode apply to --policy dicache only")
+    if policy_name in ("none", "dicache") and plan_json is not None:
+        raise UserError(f"--policy {policy_name} takes no --plan")
+    if policy_name in ("invardiff", "l2c"):
+        if plan_json is None:
+            hint = " (train one with `invardiff train-router`)" if policy_name == "l2c" else ""
+            raise UserError(f"--policy {policy_name} needs --plan{hint}")
+        method = json.loads(plan_json).get("calibration", {}).get("method")
+        if (method == "l2c") != (policy_name == "l2c"):
+            raise UserError(f"--policy {policy_name}: the plan was made by {method!r}")
+    if policy_name == "dicache":
+        if dicache_batch_mode not in ("row", "global"):
+            raise UserError(f"--dicache-batch-mode must be row or global, got {dicache_batch_mode!r}")
+        options = {"batch_mode": dicache_batch_mode}
+        if dicache_threshold is not None:
+            options["threshold"] = dicache_threshold
+        return policy_spec_json("dicache", **options)
+    return plan_json
+
+
 def _load_plan_json(plan: Optional[str]) -> Optional[str]:
     if plan is None or plan == "none":
         return None
@@ -103,7 +145,10 @@ def _load_plan_json(plan: Optional[str]) -> Optional[str]:
     return Plan.load(plan, storage_options=storage_options_for(plan) or None).to_json()
 
 
-@app.command()
+@app.command(
+    epilog="Exit codes: 0 every asked row is written without error; 1 the run is incomplete (the counts say what "
+    "is failed or missing; rerun to resume); 2 bad input, found before any work (one line); 130 interrupted."
+)
 def generate(
     out: str = typer.Option(..., "--out", help="Output directory or URI (s3://bucket/run1) for the Parquet files."),
     manifest: Optional[str] = typer.Option(
@@ -126,6 +171,17 @@ def generate(
     store: Optional[str] = typer.Option(
         None, "--store", envvar="INVARDIFF_PLAN_STORE", help="Plan store for --plan latest (directory or s3:// URI)."
     ),
+    policy: Optional[str] = typer.Option(
+        None, "--policy", help="Cache policy: none, invardiff (--plan), l2c (--plan from `invardiff train-router`) "
+        "or dicache (no plan). Default: the plan's own method with --plan, else none."
+    ),
+    dicache_threshold: Optional[float] = typer.Option(
+        None, "--dicache-threshold", min=0.0, help="--policy dicache: accumulated probe-error threshold (default 0.1)."
+    ),
+    dicache_batch_mode: str = typer.Option(
+        "row", "--dicache-batch-mode", help="--policy dicache: row (each image decides for itself) or global "
+        "(one decision per batch, as the reference code)."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
@@ -141,11 +197,25 @@ def generate(
         None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
     ),
     rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Minimum rows per Parquet file."),
+    max_attempts: int = typer.Option(
+        3, "--max-attempts", min=1, help="Times a failed row is tried, over reruns, before it is left as failed."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what earlier runs wrote to --out (only files invardiff wrote there)."
+    ),
+    break_lease: bool = typer.Option(
+        False, "--break-lease", help="Take over --out from another job's lease (only when that job is known gone)."
+    ),
 ):
     """Generate images into Parquet with a Ray Data job: one row per manifest row (PNG + metrics).
 
-    Rerunning with the same --out generates only the ids that are not there yet.
+    --out is owned by the job (_run.json records each run; _lease.json keeps one writer at a time). A rerun
+    with the same --out generates the ids not written yet and retries failed rows (up to --max-attempts); it
+    refuses an --out holding files invardiff did not write, or rows made with other settings.
     """
+    import shlex
+    import signal
+
     from jobs.generate import run_generate
     from jobs.manifest import class_manifest, parse_class_range, prompt_manifest, read_manifest
     from jobs.ray_runtime import storage_options_for
@@ -160,26 +230,61 @@ def generate(
     else:
         table = prompt_manifest(list(prompt), per_prompt, seed)
     schema = _manifest_schema(model)
-    summary = run_generate(
-        table,
-        out,
-        _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg),
-        schema=schema,
-        plan_json=_resolve_latest_plan(store, _generator_config(model, steps, guidance, dtype, device, height, width,
-                                                                true_cfg), address) if plan == "latest"
-        else _load_plan_json(plan),
-        batch_size=batch_size,
-        workers=workers,
-        address=address,
-        rows_per_file=rows_per_file,
-    )
+    # Ctrl-C stops the run cleanly even where the shell started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        summary = run_generate(
+            table,
+            out,
+            _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg),
+            schema=schema,
+            plan_json=_shipped_policy(
+                _resolve_latest_plan(store, _generator_config(model, steps, guidance, dtype, device, height, width,
+                                                              true_cfg), address) if plan == "latest"
+                else _load_plan_json(plan),
+                policy_name=policy, dicache_threshold=dicache_threshold, dicache_batch_mode=dicache_batch_mode,
+            ),
+            batch_size=batch_size,
+            workers=workers,
+            address=address,
+            rows_per_file=rows_per_file,
+            max_attempts=max_attempts,
+            overwrite=overwrite,
+            break_lease=break_lease,
+            command=shlex.join(["invardiff", *sys.argv[1:]]),
+        )
+    except KeyboardInterrupt as e:
+        summary = getattr(e, "summary", None)
+        if summary is not None:
+            typer.echo(f"interrupted: {summary.reconciliation.line()}; what is written stays, rerun to resume", err=True)
+        else:
+            typer.echo("interrupted before anything was written", err=True)
+        raise typer.Exit(130) from None
+    reconciliation = summary.reconciliation
     typer.echo(
-        f"wrote {summary.rows_written} rows to {summary.out} ({summary.errors} errors, "
-        f"{summary.rows_skipped} already there) in {summary.seconds:.1f}s: "
-        f"{summary.images_per_second:.2f} images/s on {summary.workers} {summary.device} worker(s)"
+        f"wrote {reconciliation.written - summary.rows_already_there} rows to {summary.out} "
+        f"({reconciliation.failed} errors, {summary.rows_already_there} already there) in {summary.seconds:.1f}s: "
+        f"{_run_throughput(summary)} on {summary.workers} {summary.device} worker(s)"
     )
-    if summary.errors:
+    typer.echo(f"reconciled: {reconciliation.line()}")
+    for reason, rows in reconciliation.reasons:
+        typer.echo(f"  {rows} row(s) failed: {reason.splitlines()[0] if reason else '?'}", err=True)
+    if not summary.complete:
+        why = f"{summary.failure}; " if summary.failure else ""
+        typer.echo(f"error: run incomplete ({why}{reconciliation.line()}); rerun the same command to resume", err=True)
         raise typer.Exit(1)
+
+
+def _run_throughput(summary) -> str:
+    """This run's images/s as `invardiff report` will state them (jobs/throughput.py), read from its rows."""
+    from jobs.throughput import run_throughput
+
+    if not summary.rows_attempted:
+        return "nothing generated"
+    try:
+        return run_throughput(summary.out, summary.run_id).describe()
+    except Exception as e:  # noqa: BLE001 - the rows are written; a failed read-back only loses a figure
+        return f"images/s unknown ({type(e).__name__})"
 
 
 def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
@@ -218,13 +323,25 @@ def calibrate(
         None, "--address", help="With --workers/--store: Ray address (default: $RAY_ADDRESS, else local Ray)."
     ),
     preset: str = typer.Option(
-        "balanced", "--preset", help="Tau preset: fast, balanced or quality (see `invardiff plan presets`)."
+        "balanced", "--preset", help="quality (2x), balanced (2.5x), fast (3x), turbo (4x): forecast plans placed by "
+        "calibrated error; or a paper-mode tau bundle such as paper-dit-fast (`invardiff plan presets`)."
+    ),
+    target_speedup: Optional[float] = typer.Option(
+        None, "--target-speedup", min=1.0, help="Forecast plan with at least this counted speedup (steps / computed "
+        "steps); overrides --preset."
+    ),
+    max_rel_error: Optional[float] = typer.Option(
+        None, "--max-rel-error", min=0.0, help="Forecast plan with the largest speedup whose relative error of the "
+        "final sample, on the calibration runs, stays within this bound (then checked on held-out seeds)."
     ),
     tau: Optional[list[str]] = typer.Option(
         None, "--tau", help="Override one tau, FAMILY=VALUE (families: step, attn, ff for DiT). Repeatable."
     ),
     nonskip: Optional[float] = typer.Option(None, "--nonskip", min=0.0, max=1.0, help="Warm-up fraction of steps."),
-    runs: int = typer.Option(16, "--runs", min=1, help="Calibration runs (class labels or prompts, each its own seed)."),
+    runs: Optional[int] = typer.Option(
+        None, "--runs", min=1, help="Calibration runs (class labels or prompts, each its own seed); default 8 for "
+        "forecast plans, 16 for paper-mode ones."
+    ),
     seed: int = typer.Option(10_000, "--seed", min=0, help="Seed of the first calibration run."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", min=1, help="Calibration runs per forward batch, and per work chunk on Ray "
@@ -242,7 +359,11 @@ def calibrate(
     width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
     true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale."),
 ):
-    """Calibrate an InvarDiff plan: uncached runs, two phases, one validated plan.
+    """Calibrate a plan from deterministic uncached runs: one validated plan.
+
+    Forecast presets and --target-speedup / --max-rel-error measure, for every way of filling a skipped step from
+    the last two computed ones, the error it causes, and place the computed steps where the summed error is least.
+    Paper presets (paper-*, copy-*) run the InvarDiff method exactly: two phases of change rates, quantile taus.
 
     --out alone runs in this process. --workers N and/or --store run on Ray and write a versioned plan to the
     store (see jobs/calibrate.py); --refresh also writes a drift report next to it. A plan is tied to the model weights, scheduler, steps, resolution, guidance and dtype it was calibrated
@@ -256,8 +377,26 @@ def calibrate(
     if provisional_mode not in ("full", "dit-legacy"):
         raise UserError(f"--provisional-mode must be full or dit-legacy, got {provisional_mode!r}")
     overrides = _parse_taus(tau)
+    from invardiff.presets import FORECAST_PRESETS
+    from pipelines.forecast_calibration import ForecastTarget
+
+    if target_speedup is not None and max_rel_error is not None:
+        raise UserError("give --target-speedup or --max-rel-error, not both")
+    if max_rel_error is not None and max_rel_error <= 0:
+        raise UserError(f"--max-rel-error must be > 0, got {max_rel_error}")
+    goal = None
+    if target_speedup is not None or max_rel_error is not None:
+        goal = ForecastTarget(speedup=target_speedup, max_rel_error=max_rel_error)
+    elif preset in FORECAST_PRESETS:
+        goal = ForecastTarget(speedup=FORECAST_PRESETS[preset], name=preset)
+    if goal is not None and (overrides or nonskip is not None):
+        raise UserError("--tau and --nonskip apply to paper-mode presets (paper-*, copy-*), not to forecast plans")
+    if runs is None:
+        runs = 8 if goal is not None else 16
 
     def make_bundle(architecture: str):
+        if goal is not None:
+            return goal
         try:
             bundle = TauBundle.from_preset(architecture, preset)
         except ValueError as e:
@@ -292,14 +431,74 @@ def calibrate(
     generator = build_generator(_generator_config(model, steps, guidance, dtype, device, height, width, true_cfg))
     bundle = make_bundle(generator.architecture)
     requests = calibration_requests(generator, runs=runs, seed=seed)
-    typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, two phases", err=True)
-    plan = run_calibration(
-        generator, bundle, requests, batch_size=batch_size or 16, provisional_mode=provisional_mode,
-        progress=lambda msg: typer.echo(f"  {msg}", err=True),
-    )
+    if goal is not None:
+        from pipelines.forecast_calibration import calibrate_forecast
+
+        what = f"{goal.speedup:g}x counted" if goal.speedup else f"relative error <= {goal.max_rel_error:g}"
+        typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, "
+                   f"forecast plan for {what}", err=True)  # fmt: skip
+        plan = calibrate_forecast(
+            generator, goal, requests, batch_size=batch_size or 16,
+            progress=lambda msg: typer.echo(f"  {msg}", err=True),
+        )  # fmt: skip
+    else:
+        typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, two phases", err=True)
+        from jobs.console import PhaseProgress
+
+        with PhaseProgress(unit="runs") as phases:
+            plan = run_calibration(
+                generator, bundle, requests, batch_size=batch_size or 16, provisional_mode=provisional_mode,
+                progress=lambda msg: typer.echo(f"  {msg}", err=True), on_runs=phases,
+            )
     plan.save(out, storage_options=storage_options_for(out) or None)
     typer.echo(format_plan(plan))
     typer.echo(f"wrote plan {plan.plan_id} to {out}")
+
+
+@app.command("train-router")
+def train_router_command(
+    plan_out: str = typer.Option(..., "--plan-out", help="Where to write the thresholded L2C plan (path or URI)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where to write the trained router (path or URI)."),
+    lam: float = typer.Option(1e-4, "--lam", min=0.0, help="Weight of the L1 penalty on the router scores."),
+    theta: float = typer.Option(0.1, "--theta", min=0.0, max=1.0, help="A unit is recomputed where score > theta."),
+    from_router: Optional[str] = typer.Option(
+        None, "--from-router", help="Threshold this saved router again instead of training (no --lam, no --out)."
+    ),
+    iterations: int = typer.Option(750, "--iterations", min=1, help="Training iterations (one step pair each)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Training images per iteration."),
+    lr: float = typer.Option(0.2, "--lr", min=0.0, help="AdamW learning rate on the router logits."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the router init, data order, noise and label dropout."),
+    model: str = typer.Option("digits", "--model", help="Model; router training needs its training data: 'digits'."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps the router is for."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale the plan is for."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+):
+    """Learning-to-Cache: train a per-step router (one process) and threshold it into a static plan.
+
+    Run the plan with `invardiff generate --policy l2c --plan PLAN.json`.
+    """
+    from jobs.ray_runtime import storage_options_for
+    from jobs.train_router import plan_from_router_file, train_router
+
+    config = _generator_config(model, steps, guidance, dtype, device, None, None, 1.0)
+    try:
+        if from_router:
+            options = storage_options_for(from_router) or None
+            plan, trained = plan_from_router_file(from_router, config, theta, storage_options=options), None
+        else:
+            trained = train_router(config, lam, theta=theta, iterations=iterations, batch_size=batch_size, lr=lr,
+                                   seed=seed, progress=lambda msg: typer.echo(f"  {msg}", err=True))
+            plan = trained.plan
+    except ValueError as e:  # a model without training data, a router for another pipeline
+        raise UserError(str(e)) from None
+    if trained is not None and out:
+        trained.router.save(out, storage_options=storage_options_for(out) or None)
+        typer.echo(f"wrote router to {out} ({trained.router.training['wall_seconds']:.0f} s of training)")
+    plan.save(plan_out, storage_options=storage_options_for(plan_out) or None)
+    kept = plan.calibration["kept_per_cache_step"]
+    typer.echo(f"units recomputed per cache step (of {plan.calibration['units_per_step']}, noisy to clean): {kept}")
+    typer.echo(f"wrote L2C plan {plan.plan_id} to {plan_out} (ideal speedup {plan.summary()['ideal_speedup']:.2f}x)")
 
 
 @plan_app.command("show")
@@ -336,11 +535,13 @@ def plan_list(store: str = typer.Option(..., "--store", envvar="INVARDIFF_PLAN_S
 
 @plan_app.command("presets")
 def plan_presets(architecture: str = typer.Option("dit", "--architecture", help="dit or flux.")):
-    """List the named tau presets."""
-    from invardiff.presets import PRESETS
+    """List the presets: forecast targets (the defaults), then the paper-mode tau bundles."""
+    from invardiff.presets import FORECAST_PRESETS, PRESETS
 
     if architecture not in PRESETS:
         raise UserError(f"--architecture must be one of {', '.join(PRESETS)}")
+    for name, speedup in FORECAST_PRESETS.items():
+        typer.echo(f"{name:22s} forecast, {speedup:g}x counted speedup, computed steps placed by calibrated error")
     for name, preset in PRESETS[architecture].items():
         taus = ", ".join(f"{k}={v:g}" for k, v in preset["taus"].items())
         typer.echo(f"{name:22s} nonskip={preset['nonskip_rate']:g}  {taus}")

@@ -1,11 +1,13 @@
 """The generation job: manifest -> Ray Data actors running a cached diffusion pipeline -> Parquet.
 
-    read + validate manifest (driver)   ->   skip ids already in the output (resume)
-    -> from_arrow -> map_batches(GenerateBatch, ActorPoolStrategy)  ->  write_parquet (local or s3://)
+    driver, before Ray starts:  validate the manifest, the plan against the pipeline's signature,
+                                take the output's lease (the write probe), read its run record and files
+    -> from_arrow(rows still to do) -> map_batches(GenerateBatch, ActorPoolStrategy) -> write_parquet
+    driver, after:              compact (one row per id), reconcile asked vs written, close the run record
 
-Each actor loads the model once, validates the plan against its own pipeline and attaches the cache
-hooks; each call generates one batch with per-row seeds and returns one output row per manifest row
-(an error row, with the reason, if the batch failed).
+Each actor loads the model once and attaches the cache hooks; each call generates one batch with per-row
+seeds and returns one output row per manifest row (an error row, with the reason, if the batch failed).
+What the output location holds and who may touch what is in jobs/outputs.py; the exit codes in jobs/cli.py.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs import outputs
+from jobs.errors import JobInputError
+from jobs.lease import Lease
+from jobs.location import Location
 from jobs.manifest import ManifestSchema, validate_manifest
+from jobs.run_record import RunRecord, new_run_id, request_of, utc_now
 from pipelines.build import GeneratorConfig
 
 log = logging.getLogger("invardiff")
@@ -29,38 +36,50 @@ log = logging.getLogger("invardiff")
 ACTOR_START_TIMEOUT_S = int(os.environ.get("INVARDIFF_ACTOR_START_TIMEOUT_S", "1800"))
 # A Parquet write encodes a block of PNG bytes: light, but it needs a CPU slot left free (see below).
 WRITE_TASK_CPUS = 0.25
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class RequestMismatchError(JobInputError):
+    """The output location holds rows generated for another request (seed, model, plan, steps, guidance)."""
 
 
 @dataclass
 class GenerateSummary:
     out: str
-    rows_in_manifest: int
-    rows_skipped: int  # already present in the output from an earlier run
-    rows_written: int
-    errors: int
+    run_id: str
+    rows_already_there: int  # asked rows written without error by an earlier run
+    rows_attempted: int  # rows this run sent to the actors (new ones and retried error rows)
+    rows_retried: int  # of those, error rows of an earlier run
+    rows_exhausted: int  # error rows not retried: they failed max_attempts times
+    reconciliation: outputs.Reconciliation
     seconds: float
     workers: int
     device: str
+    failure: str | None = None  # why the run stopped early, in one line
+
+    @property
+    def complete(self) -> bool:
+        return self.failure is None and self.reconciliation.complete
 
     @property
     def images_per_second(self) -> float:
-        return (self.rows_written - self.errors) / self.seconds if self.seconds > 0 else 0.0
+        new = self.reconciliation.written - self.rows_already_there
+        return new / self.seconds if self.seconds > 0 else 0.0
 
 
-def make_policy(plan_json: str | None):
-    from invardiff.policy import InvarDiffPolicy, NoCache
+def make_policy(plan_json: str | None, num_steps: int | None = None):
+    """None: no caching; a plan document: InvarDiff, or L2C for a plan from router training; a policy spec
+    (`invardiff.policies.policy_spec_json`): DiCache, which needs the sampler's `num_steps`."""
+    from invardiff.policies import policy_from_json
 
-    if plan_json is None:
-        return NoCache()
-    from invardiff.plan import Plan
-
-    return InvarDiffPolicy(Plan.from_json(plan_json))
+    return policy_from_json(plan_json, num_steps=num_steps)
 
 
 class GenerateBatch:
     """Ray Data callable class: one instance per actor, the model loaded once in __init__."""
 
-    def __init__(self, generator_config: dict, plan_json: str | None = None, torch_threads: int | None = None):
+    def __init__(self, generator_config: dict, plan_json: str | None = None, torch_threads: int | None = None,
+                 progress=None):
         import ray
         import torch
 
@@ -69,31 +88,36 @@ class GenerateBatch:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.generator = build_generator(GeneratorConfig(**generator_config))
-        self.policy = make_policy(plan_json)
-        if plan_json is not None:
+        self.policy = make_policy(plan_json, num_steps=self.generator.num_inference_steps)
+        # checked on the driver already; kept for a worker whose model differs
+        if getattr(self.policy, "plan", None) is not None:
             self.policy.plan.check_compatible(self.generator.signature())
         self.policy.attach(self.generator.transformer)
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
-        self.worker_id = context.get_actor_id() or f"pid-{__import__('os').getpid()}"
+        self.worker_id = context.get_actor_id() or f"pid-{os.getpid()}"
+        self.progress = progress  # a jobs.console.row_counter() actor, told how many rows each batch finished
+
+    def generate(self, requests: list) -> list[dict]:
+        from pipelines.runner import run_batch
+
+        return run_batch(self.generator, requests, self.policy).rows
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.base import Request
-        from pipelines.runner import run_batch
 
         manifest = batch.to_pylist()
         requests = [
             Request(id=r["id"], seed=int(r["seed"]), class_label=r.get("class_label"), prompt=r.get("prompt"))
             for r in manifest
         ]
-        finished_at = None
         try:
-            generated = run_batch(self.generator, requests, self.policy).rows
+            generated = self.generate(requests)
             error = None
-        except Exception as e:  # one bad batch must not lose the rest of the job; the rows say why
-            log.exception("batch failed")
+        except Exception as e:  # noqa: BLE001 - one bad batch must not lose the rest of the job; the rows say why
+            log.debug("batch failed", exc_info=True)
             generated = [{} for _ in requests]
-            error = f"{type(e).__name__}: {e}"
+            error = one_line(e)
         finished_at = time.time()
         rows = []
         for source, out in zip(manifest, generated):
@@ -101,6 +125,8 @@ class GenerateBatch:
             row.update(out)
             row.update(node_id=self.node_id, worker_id=self.worker_id, finished_at=finished_at, error=error)
             rows.append(row)
+        if self.progress is not None:
+            self.progress.add.remote(len(rows))
         return outputs.rows_to_table(rows, manifest_schema=batch.schema)
 
 
@@ -119,32 +145,172 @@ def run_generate(
     workers: int | None = None,
     address: str | None = None,
     rows_per_file: int | None = None,
+    overwrite: bool = False,
+    break_lease: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    command: str = "",
+    batch_class: type = GenerateBatch,
 ) -> GenerateSummary:
-    """Generate every manifest row not yet present under `out`. Validation happens before Ray starts."""
+    """Generate every manifest row not yet written without error under `out`, then reconcile.
+
+    Everything that can be checked on the driver is checked before Ray starts (JobInputError and its kin);
+    `batch_class` is the actor class (a subclass of GenerateBatch; tests inject faults through it)."""
+    from jobs.plan_store import signature_for
+
+    if max_attempts < 1:
+        raise JobInputError(f"--max-attempts must be at least 1, got {max_attempts}")
+    manifest = validate_manifest(manifest, schema)
+    signature = signature_for(generator_config, address)
+    policy = make_policy(plan_json, num_steps=signature.num_inference_steps)
+    if getattr(policy, "plan", None) is not None:
+        policy.plan.check_compatible(signature)
+    request = request_of(signature, policy=policy.name, plan_id=policy.plan_id)
+
+    location = Location(out)
+    lease = Lease.acquire(location, command=command, break_lease=break_lease)
+    try:
+        lease.keep_alive(on_lost=_interrupt_main)
+        return _run_holding_lease(
+            manifest, location, lease, request, generator_config, schema=schema, plan_json=plan_json,
+            batch_size=batch_size, workers=workers, address=address, rows_per_file=rows_per_file,
+            overwrite=overwrite, max_attempts=max_attempts, command=command, batch_class=batch_class,
+        )
+    finally:
+        lease.release()
+
+
+def _interrupt_main() -> None:
+    import _thread
+
+    _thread.interrupt_main()  # the main thread stops as on Ctrl-C; run_generate then says the lease was lost
+
+
+def _run_holding_lease(manifest, location, lease, request, generator_config, *, schema, plan_json, batch_size,
+                       workers, address, rows_per_file, overwrite, max_attempts, command, batch_class):
+    record = RunRecord.load(location)
+    inventory = outputs.Inventory.take(location, record)
+    inventory.refuse_foreign(location)
+    if record is not None and overwrite:
+        for name in inventory.data + inventory.partial + inventory.temporaries:
+            location.remove(name)
+        log.warning("--overwrite: removed %d file(s) of earlier runs from %s", len(inventory.data), location.uri)
+        record, inventory = None, outputs.Inventory([], [], [], [])
+    if record is not None:
+        differences = record.differences(request)
+        if differences:
+            raise RequestMismatchError(
+                f"--out {location.uri} holds rows generated with other settings ({'; '.join(differences)}); "
+                "use another --out, or --overwrite to replace the rows there"
+            )
+    inventory.remove_leftovers(location)
+    rows = outputs.Rows.read(location, inventory.data)
+    if rows.compact(location):  # duplicates left by a run that stopped between writing and compacting
+        rows = outputs.Rows.read(location, outputs.Inventory.take(location, record).data)
+    _refuse_conflicting_rows(manifest, rows, schema, location, overwrite)
+    todo, already_there, retried, exhausted = _rows_to_do(manifest, rows, max_attempts)
+
+    record = record or RunRecord(request=request)
+    run_id = new_run_id()
+    entry = record.start_run(run_id, command, asked=manifest.num_rows, already_there=already_there,
+                             max_attempts=max_attempts)
+    record.save(location)  # before the first data file: every file of this run is attributable to it
+
+    failure, workers_used, device, interrupted = None, 0, "none", None
+    started = time.perf_counter()
+    try:
+        if todo.num_rows:
+            workers_used, device = _write(todo, location, run_id, generator_config, plan_json=plan_json,
+                                          batch_size=batch_size, workers=workers, address=address,
+                                          rows_per_file=rows_per_file, batch_class=batch_class)
+        else:
+            log.warning("all %d rows are already in %s; nothing to generate", manifest.num_rows, location.uri)
+    except KeyboardInterrupt as e:
+        interrupted = e
+        failure = "lost the lease to another job" if lease.lost.is_set() else "interrupted"
+        _stop_ray()
+    except Exception as e:  # noqa: BLE001 - a failed write is reported in one line, with what did get written
+        failure = one_line(e)
+    seconds = time.perf_counter() - started
+
+    try:
+        inventory = outputs.Inventory.take(location, record)
+        inventory.remove_leftovers(location)  # a write cut off by the interrupt or failure
+        rows = outputs.Rows.read(location, inventory.data)
+        rows.compact(location)
+        reconciliation = outputs.reconcile(outputs.Rows.read(location, inventory.data), manifest.column("id"))
+    except Exception as e:  # noqa: BLE001 - the storage itself failed: say so, and what is unknown
+        failure = failure or one_line(e)
+        reconciliation = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
+        log.error("could not read back %s to reconcile (%s)", location.uri, one_line(e))
+    summary = GenerateSummary(
+        out=location.uri, run_id=run_id, rows_already_there=already_there, rows_attempted=todo.num_rows,
+        rows_retried=retried, rows_exhausted=exhausted, reconciliation=reconciliation, seconds=seconds,
+        workers=workers_used, device=device, failure=failure,
+    )
+    status = "complete" if summary.complete else ("interrupted" if interrupted else "incomplete")
+    entry.update(finished_at=utc_now(), status=status, written=reconciliation.written, failed=reconciliation.failed,
+                 missing=reconciliation.missing, message=failure)
+    try:
+        record.save(location)  # written last: "complete" only once the rows are reconciled
+    except Exception as e:  # noqa: BLE001 - the rows are what counts; the record says "running" until a rerun
+        log.error("could not update %s (%s)", location.url("_run.json"), one_line(e))
+    if interrupted is not None:
+        interrupted.summary = summary  # the CLI prints what was committed before it exits 130
+        raise interrupted
+    return summary
+
+
+def _refuse_conflicting_rows(manifest: pa.Table, rows: outputs.Rows, schema: ManifestSchema, location, overwrite):
+    """An id already in the output must stand for the same image: same seed and the same class or prompt."""
+    if rows.table.num_rows == 0:
+        return
+    condition = schema.condition
+    there = rows.table.select(["id", "seed", condition]).group_by("id").aggregate([("seed", "min"), (condition, "min")])
+    there = there.rename_columns(["id", "seed_there", f"{condition}_there"])
+    joined = manifest.select(["id", "seed", condition]).join(there, "id", join_type="inner")
+    differs = pc.or_(
+        pc.not_equal(joined.column("seed"), joined.column("seed_there")),
+        pc.not_equal(joined.column(condition), joined.column(f"{condition}_there")),
+    )
+    clashes = joined.filter(pc.fill_null(differs, True))
+    if clashes.num_rows:
+        first = clashes.slice(0, 3).to_pylist()
+        shown = "; ".join(
+            f"id {r['id']!r}: seed {r['seed_there']} and {condition} {r[condition + '_there']!r} there, "
+            f"seed {r['seed']} and {condition} {r[condition]!r} asked"
+            for r in first
+        )
+        raise RequestMismatchError(
+            f"--out {location.uri}: {clashes.num_rows} id(s) of the manifest were generated there for another request "
+            f"({shown}); use another --out, or --overwrite to replace the rows there"
+        )
+
+
+def _rows_to_do(manifest: pa.Table, rows: outputs.Rows, max_attempts: int):
+    """(rows to send to the actors with their attempt number, rows already written, retried, exhausted)."""
+    kept, _ = rows.resolved()
+    kept = kept[kept["id"].isin(set(manifest.column("id").to_pylist()))]
+    done = set(kept.loc[kept["ok"], "id"])
+    failed = kept.loc[~kept["ok"], ["id", "attempt"]]
+    exhausted = set(failed.loc[failed["attempt"] >= max_attempts, "id"])
+    next_attempt = {i: int(a) + 1 for i, a in zip(failed["id"], failed["attempt"]) if i not in exhausted}
+    ids = manifest.column("id").to_pylist()
+    todo_mask = pa.array([i not in done and i not in exhausted for i in ids])
+    todo = manifest.filter(todo_mask)
+    attempts = [next_attempt.get(i, 1) for i in todo.column("id").to_pylist()]
+    todo = todo.append_column("attempt", pa.array(attempts, pa.int32()))
+    if exhausted:
+        log.warning("%d row(s) failed %d time(s) already and are not retried (raise --max-attempts to retry them)",
+                    len(exhausted), max_attempts)
+    return todo, len(done), len(next_attempt), len(exhausted)
+
+
+def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, workers, address, rows_per_file,
+           batch_class) -> tuple[int, str]:
     import ray
 
+    from jobs import console
     from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for
-
-    manifest = validate_manifest(manifest, schema)
-    # Resume is an anti-join of the manifest against the ids already in the output, not Ray Data's
-    # CheckpointConfig (ray.data.checkpoint, beta in 2.60), which we evaluated and do not use here:
-    #   * its planner only checkpoints read -> ... -> write plans; ours starts from_arrow (the manifest
-    #     is validated, or built from --classes/--prompt, on the driver before Ray starts), and it
-    #     silently disables itself otherwise;
-    #   * it keeps a second store next to the output (checkpoint_path, which must be cluster-shared:
-    #     a local path is only correct on one node). Deleting output files but not the checkpoint
-    #     would then skip ids that are nowhere, i.e. lose rows. Here the output is the only record;
-    #   * its two-phase commit buys nothing for Parquet files: a file is readable only once its
-    #     footer is written (an S3 object only once its upload completes), so a readable file is a
-    #     committed one, and existing_ids() deletes the unreadable leftovers of a killed write.
-    # Both need a unique id column and cost the same (every done id in memory once). One job per
-    # output at a time: a second job would delete the first one's files that are still being written.
-    done = outputs.existing_ids(out)
-    todo = manifest.filter(pa.compute.invert(pa.compute.is_in(manifest.column("id"), pa.array(sorted(done), pa.string())))) if done else manifest
-    rows_skipped = manifest.num_rows - todo.num_rows
-    if todo.num_rows == 0:
-        log.warning("all %d rows are already in %s; nothing to do", manifest.num_rows, out)
-        return GenerateSummary(out, manifest.num_rows, rows_skipped, 0, 0, 0.0, 0, "none")
 
     ensure_ray(address)
     # Start generating only when the whole pool is up: otherwise the first actor to load the model
@@ -163,46 +329,55 @@ def run_generate(
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.num_rows / (workers * 2))))
     ds = ray.data.from_arrow(_split_blocks(todo, rows_per_block))
+    counter = console.row_counter()
     ds = ds.map_batches(
-        GenerateBatch,
+        batch_class,
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus,
         fn_constructor_kwargs=dict(
-            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads
+            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads, progress=counter
         ),
     )
-    fs, path = filesystem_for(out)
-    log.warning(
-        "generating %d images (%d already in %s) with %d %s actor(s), batch size %d; output: %s",
-        todo.num_rows, rows_skipped, out, workers, "GPU" if gpus else "CPU", batch_size, out,
+    fs, path = filesystem_for(location.uri)
+    log.info(
+        "generating %d images with %d %s actor(s), batch size %d; output: %s (run %s)",
+        todo.num_rows, workers, "GPU" if gpus else "CPU", batch_size, location.uri, run_id,
     )
-    started = time.perf_counter()
-    ds.write_parquet(
-        path, filesystem=fs, min_rows_per_file=rows_per_file, ray_remote_args={"num_cpus": WRITE_TASK_CPUS}
-    )
-    seconds = time.perf_counter() - started
+    with console.Progress("generate", todo.num_rows) as progress:
+        progress.follow(console.read_counter(counter))
+        ds.write_parquet(
+            path, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=outputs.filename_provider(run_id),
+            ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
+        )
+    return workers, "cuda" if gpus else "cpu"
 
-    written = outputs.read_outputs(out, columns=["id", "error", "device"])
-    new = written.filter(pa.compute.is_in(written.column("id"), todo.column("id")))
-    errors = int(pa.compute.sum(pa.compute.is_valid(new.column("error"))).as_py() or 0)
-    devices = sorted(set(new.column("device").drop_null().to_pylist())) or ["?"]
-    if errors:
-        reasons = pa.compute.value_counts(new.column("error").drop_null()).to_pylist()
-        for reason in reasons[:5]:
-            log.warning("%d row(s) failed: %s", reason["counts"], reason["values"])
-    return GenerateSummary(
-        out=out,
-        rows_in_manifest=manifest.num_rows,
-        rows_skipped=rows_skipped,
-        rows_written=new.num_rows,
-        errors=errors,
-        seconds=seconds,
-        workers=workers,
-        device=",".join(devices),
-    )
+
+def _stop_ray() -> None:
+    """Stop this driver's Ray work before cleaning up after an interrupt: no write task may finish a file
+    after the cleanup looked for half-written ones (an embedded Ray stops with it; on a cluster the job's
+    workers are stopped when their driver disconnects)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message` of the innermost cause: what Ray's wrapped tracebacks come down to."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    text = str(e).strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("Traceback", "  "))]
+    message = lines[-1] if lines and type(e).__name__ in ("RayTaskError", "UserCodeException") else (lines[0] if lines else "")
+    return f"{type(e).__name__}: {message}"[:500] if message else type(e).__name__
 
 
 def cpu_actor_shape(workers: int) -> tuple[float, int]:

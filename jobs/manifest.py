@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 MAX_SEED = 2**63
-MAX_REPORTED_ERRORS = 20
+INT64 = (-(2**63), 2**63)
+MAX_REPORTED_ROWS = 20  # every problem of the first 20 bad rows is listed, so no bad row hides behind another
+MAX_CLASS_RANGE = 1_000_000  # '0-99999999999' is a typo, not a request for 10**11 classes
 RESERVED_OUTPUT_COLUMNS = {
     "png", "width", "height", "model_id", "policy", "plan_id", "latency_s", "batch_size", "steps_total",
     "steps_computed", "module_evals_total", "module_evals_computed", "device", "device_name", "node_id",
-    "worker_id", "peak_memory_bytes", "finished_at", "error",
+    "worker_id", "peak_memory_bytes", "finished_at", "attempt", "error",
 }
 
 
@@ -49,31 +51,46 @@ def parse_class_range(text: str) -> list[int]:
                 lo, hi = (int(x) for x in part.split("-", 1))
                 if hi < lo:
                     raise ValueError
-                classes.extend(range(lo, hi + 1))
             else:
-                classes.append(int(part))
+                lo = hi = int(part)
         except ValueError:
             raise ManifestError(f"--classes: {part!r} is not a class id or a range like 0-9") from None
+        if hi - lo >= MAX_CLASS_RANGE:
+            raise ManifestError(f"--classes: {part!r} spans {hi - lo + 1} classes; at most {MAX_CLASS_RANGE}")
+        classes.extend(range(lo, hi + 1))
     return classes
 
 
 def class_manifest(classes: list[int], per_class: int, seed: int) -> pa.Table:
-    """Rows for `per_class` images of each class, ids `c{class}-{i}` and seeds seed, seed+1, ..."""
+    """Rows for `per_class` images of each class, seeds seed, seed+1, ... and ids `c{class}-s{seed}-{i}`: the id
+    names the request (the first seed included), so a rerun with another --seed never mistakes its rows for
+    these."""
     if per_class < 1:
         raise ManifestError(f"--per-class must be at least 1, got {per_class}")
-    if seed < 0:
-        raise ManifestError(f"--seed must be non-negative, got {seed}")
     labels = [c for c in classes for _ in range(per_class)]
-    ids = [f"c{c}-{i}" for c in classes for i in range(per_class)]
+    _check_seed_range(seed, len(labels))
+    outside = [c for c in classes if not INT64[0] <= c < INT64[1]]
+    if outside:
+        raise ManifestError(f"--classes: {outside[0]} is not a 64-bit integer class id")
+    ids = [f"c{c}-s{seed}-{i}" for c in classes for i in range(per_class)]
     seeds = [seed + i for i in range(len(labels))]
     return pa.table({"id": ids, "seed": pa.array(seeds, pa.int64()), "class_label": pa.array(labels, pa.int64())})
 
 
 def prompt_manifest(prompts: list[str], per_prompt: int, seed: int) -> pa.Table:
-    ids = [f"p{p}-{i}" for p in range(len(prompts)) for i in range(per_prompt)]
+    """Rows for `per_prompt` images of each prompt, ids `p{prompt index}-s{seed}-{i}` (see class_manifest)."""
+    if per_prompt < 1:
+        raise ManifestError(f"--per-prompt must be at least 1, got {per_prompt}")
     texts = [t for t in prompts for _ in range(per_prompt)]
+    _check_seed_range(seed, len(texts))
+    ids = [f"p{p}-s{seed}-{i}" for p in range(len(prompts)) for i in range(per_prompt)]
     seeds = [seed + i for i in range(len(texts))]
     return pa.table({"id": ids, "seed": pa.array(seeds, pa.int64()), "prompt": texts})
+
+
+def _check_seed_range(seed: int, rows: int) -> None:
+    if seed < 0 or seed + rows > MAX_SEED:
+        raise ManifestError(f"--seed must be in [0, 2**63 - {rows}] so that all {rows} row seeds fit, got {seed}")
 
 
 class RawManifest(dict):
@@ -144,10 +161,10 @@ def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> 
     or raise ManifestError listing every problem found."""
     if isinstance(table, pa.Table):
         table = RawManifest(table.to_pydict())
-    errors: list[str] = []
+    errors: list[tuple[int, str]] = []
 
-    def add(msg: str) -> None:
-        errors.append(msg)
+    def add(row: int, msg: str) -> None:
+        errors.append((row, msg))
 
     if table.num_rows == 0:
         raise ManifestError("manifest has no rows")
@@ -169,8 +186,15 @@ def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> 
     raw_ids = table["id"]
     ids: list = []
     for i, v in enumerate(raw_ids):
+        if isinstance(v, bytes):  # a binary id column: its text, not the repr "b'a'"
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError:
+                add(i, f"row {i}: id is binary and not UTF-8 text ({v[:20]!r})")
+                ids.append(None)
+                continue
         if v is None or (isinstance(v, str) and not v.strip()) or isinstance(v, (bool, float, list, dict)):
-            add(f"row {i}: id must be a non-empty string or integer, got {v!r}")
+            add(i, f"row {i}: id must be a non-empty string or integer, got {v!r}")
             ids.append(None)
         else:
             ids.append(str(v))
@@ -179,38 +203,46 @@ def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> 
         if v is None:
             continue
         if v in seen:
-            add(f"{_row_ref(i, ids)}: id duplicates row {seen[v]}")
+            add(i, f"{_row_ref(i, ids)}: id duplicates row {seen[v]}")
         else:
             seen[v] = i
 
     seeds, bad = _integers(table["seed"])
     for i in bad:
-        add(f"{_row_ref(i, ids)}: seed must be an integer, got {table['seed'][i]!r}")
+        add(i, f"{_row_ref(i, ids)}: seed must be an integer, got {table['seed'][i]!r}")
     for i, s in enumerate(seeds):
         if s is not None and not 0 <= s < MAX_SEED:
-            add(f"{_row_ref(i, ids)}: seed must be in [0, 2**63), got {s}")
+            add(i, f"{_row_ref(i, ids)}: seed must be in [0, 2**63), got {s}")
 
-    columns = {"id": pa.array(ids, pa.string()), "seed": pa.array(seeds, pa.int64())}
     if schema.condition == "class_label":
         labels, bad = _integers(table["class_label"])
         for i in bad:
-            add(f"{_row_ref(i, ids)}: class_label must be an integer, got {table['class_label'][i]!r}")
-        if schema.num_classes is not None:
-            for i, c in enumerate(labels):
-                if c is not None and not 0 <= c < schema.num_classes:
-                    add(f"{_row_ref(i, ids)}: class_label {c} is not a class of this model (0..{schema.num_classes - 1})")
-        columns["class_label"] = pa.array(labels, pa.int64())
+            add(i, f"{_row_ref(i, ids)}: class_label must be an integer, got {table['class_label'][i]!r}")
+        lo, hi = (0, schema.num_classes) if schema.num_classes is not None else INT64
+        for i, c in enumerate(labels):
+            if c is not None and not lo <= c < hi:
+                add(i, f"{_row_ref(i, ids)}: class_label {c} is not a class of this model ({lo}..{hi - 1})")
     else:
         prompts = table["prompt"]
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
-                add(f"{_row_ref(i, ids)}: prompt must be non-empty text, got {p!r}")
-        columns["prompt"] = pa.array([p if isinstance(p, str) else None for p in prompts], pa.string())
+                add(i, f"{_row_ref(i, ids)}: prompt must be non-empty text, got {p!r}")
 
     if errors:
-        shown = errors[:MAX_REPORTED_ERRORS]
-        more = f"\n  ... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-        raise ManifestError(f"manifest has {len(errors)} problem(s):\n  " + "\n  ".join(shown) + more)
+        errors.sort(key=lambda e: e[0])  # stable: a row's problems stay in field order
+        bad_rows = sorted({row for row, _ in errors})
+        shown = [msg for row, msg in errors if row in set(bad_rows[:MAX_REPORTED_ROWS])]
+        more = (f"\n  ... and {len(errors) - len(shown)} more in {len(bad_rows) - MAX_REPORTED_ROWS} more row(s)"
+                if len(bad_rows) > MAX_REPORTED_ROWS else "")
+        raise ManifestError(f"manifest has {len(errors)} problem(s) in {len(bad_rows)} row(s):\n  "
+                            + "\n  ".join(shown) + more)
+
+    # Typed only now: every value is known to fit (a seed or label past int64 would raise OverflowError).
+    columns = {"id": pa.array(ids, pa.string()), "seed": pa.array(seeds, pa.int64())}
+    if schema.condition == "class_label":
+        columns["class_label"] = pa.array(labels, pa.int64())
+    else:
+        columns["prompt"] = pa.array(prompts, pa.string())
 
     for name, values in table.items():
         if name not in columns:
@@ -218,5 +250,7 @@ def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> 
                 columns[name] = pa.array(values)
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 raise ManifestError(f"manifest column {name!r} mixes value types; give it one type") from None
+            except OverflowError:
+                raise ManifestError(f"manifest column {name!r} has an integer outside the 64-bit range") from None
     return pa.table(columns)
 

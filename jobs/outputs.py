@@ -1,11 +1,32 @@
-"""The output dataset: one Parquet row per manifest row, under a directory or prefix (local or fsspec)."""
+"""The output dataset: one Parquet row per manifest row, under a location the job owns (local or fsspec).
+
+What the location holds, and what the job may do with each kind of entry:
+
+    _run.json, _lease.json                  the job's bookkeeping (jobs/run_record.py, jobs/lease.py)
+    <run_id>_<write>_<task>.parquet         data written by a run the record lists: read as output; removed only
+                                            when unreadable (a write cut off by a crash) or with --overwrite
+    .<name>.<32 hex>.tmp                    the job's own temporaries (a whole-object write cut off): removed
+    anything else                           not the job's: never deleted, never read; the job refuses the location
+
+Within the job's files each id has one row: the first one written without error, else the error row of its
+latest attempt. A rerun retries error rows (attempt + 1), and `compact` then removes the rows a newer one
+supersedes, rewriting the file whole (a reader sees the file before or after, never a mix).
+"""
 
 from __future__ import annotations
 
+import io
 import logging
+import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from jobs.errors import JobInputError
+from jobs.location import Location
+from jobs.lease import LEASE_NAME
+from jobs.run_record import RECORD_NAME, RUN_ID, RunRecord
 
 log = logging.getLogger("invardiff")
 
@@ -29,12 +50,20 @@ GENERATED_FIELDS = [
     pa.field("worker_id", pa.string()),
     pa.field("peak_memory_bytes", pa.int64()),
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    pa.field("attempt", pa.int32()),
     pa.field("error", pa.string()),
 ]
+GENERATED_NAMES = {f.name for f in GENERATED_FIELDS}
+DATA_FILE = re.compile(r"^(?P<run>r[0-9]{8}T[0-9]{6}Z[0-9a-f]{8})_[^/]+\.parquet$")
+TEMPORARY = re.compile(r"^\.[^/]+\.[0-9a-f]{32}\.tmp$")
+
+
+class ForeignFilesError(JobInputError):
+    """The output location holds files the job did not write."""
 
 
 def output_schema(manifest_schema: pa.Schema) -> pa.Schema:
-    return pa.schema(list(manifest_schema) + GENERATED_FIELDS)
+    return pa.schema([f for f in manifest_schema if f.name not in GENERATED_NAMES] + GENERATED_FIELDS)
 
 
 def rows_to_table(rows: list[dict], manifest_schema: pa.Schema) -> pa.Table:
@@ -50,45 +79,176 @@ def rows_to_table(rows: list[dict], manifest_schema: pa.Schema) -> pa.Table:
     return pa.table(columns, schema=schema)
 
 
-def _parquet_files(uri: str) -> tuple[object, list[str]]:
-    import fsspec
+def filename_provider(run_id: str):
+    """Ray Data names each file `<run_id>_<write uuid>_<task>.parquet`: every data file names its run."""
+    from ray.data.datasource import FilenameProvider
 
-    from jobs.ray_runtime import storage_options_for
-
-    fs, root = fsspec.core.url_to_fs(uri, **storage_options_for(uri))
-    if not fs.exists(root):
-        return fs, []
-    prefix = root.rstrip("/") + "/"
-    return fs, sorted(p for p in fs.find(root) if _is_data_file(p[len(prefix):]))
+    assert RUN_ID.match(run_id), run_id
+    return FilenameProvider(dataset_uuid=run_id, file_format="parquet")
 
 
-def _is_data_file(relative: str) -> bool:
-    # Writers keep bookkeeping next to the data (_SUCCESS, .crc, Ray Data's _checkpoint/); those are
-    # not output rows, and the report skips the same entries.
-    return relative.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in relative.split("/"))
+@dataclass
+class Inventory:
+    """The location's entries, sorted by whose they are."""
+
+    data: list[str]  # readable data files of the job's runs
+    partial: list[str]  # the job's data files cut off mid-write (no footer)
+    temporaries: list[str]
+    foreign: list[str]
+
+    @classmethod
+    def take(cls, location: Location, record: RunRecord | None) -> Inventory:
+        runs = record.run_ids if record else set()
+        data, partial, temporaries, foreign = [], [], [], []
+        for name in location.names():
+            match = DATA_FILE.match(name)
+            if name in (RECORD_NAME, LEASE_NAME):
+                continue
+            if TEMPORARY.match(name):
+                temporaries.append(name)
+            elif match and match["run"] in runs:
+                (data if _readable(location, name) else partial).append(name)
+            else:
+                foreign.append(name)
+        return cls(data, partial, temporaries, foreign)
+
+    def refuse_foreign(self, location: Location) -> None:
+        if self.foreign:
+            shown = ", ".join(self.foreign[:3]) + (f" and {len(self.foreign) - 3} more" if len(self.foreign) > 3 else "")
+            raise ForeignFilesError(
+                f"--out {location.uri} holds {len(self.foreign)} file(s) this job did not write ({shown}); "
+                "invardiff never deletes or reinterprets them: give an empty or new --out"
+            )
+
+    def remove_leftovers(self, location: Location) -> None:
+        """Delete the job's own half-written files: their rows are generated again."""
+        for name in self.partial + self.temporaries:
+            log.warning("removing %s, a write cut off before it finished; its rows will be generated again",
+                        location.url(name))
+            location.remove(name)
 
 
-def existing_ids(uri: str) -> set[str]:
-    """Ids already written under `uri`. A file that cannot be read (a write cut off by a crash) is removed,
-    so its rows are generated again rather than half-kept."""
-    fs, files = _parquet_files(uri)
-    ids: set[str] = set()
-    for path in files:
-        try:
-            with fs.open(path, "rb") as f:
-                ids.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a partial write
-            log.warning("removing unreadable output file %s (%s); its rows will be generated again", path, e)
-            fs.rm(path)
-    return ids
+def _readable(location: Location, name: str) -> bool:
+    """A Parquet file is readable only once its footer is written (an S3 object only once its upload completed),
+    so a readable file is a committed one."""
+    try:
+        with location.fs.open(location.path(name), "rb") as f:
+            pq.read_metadata(f)
+        return True
+    except Exception:  # noqa: BLE001 - truncated, empty, header only: any failure to read the footer
+        return False
+
+
+@dataclass
+class Rows:
+    """Where each row of the job's files is: one entry per physical row (duplicates included)."""
+
+    table: pa.Table  # id, seed, class_label and/or prompt, ok (bool), attempt, file (index), row (index in file)
+    files: list[str]
+
+    @classmethod
+    def read(cls, location: Location, files: list[str]) -> Rows:
+        parts = []
+        for index, name in enumerate(files):
+            with location.fs.open(location.path(name), "rb") as f:
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                wanted = [c for c in ("id", "seed", "class_label", "prompt", "error", "attempt") if c in names]
+                part = parquet.read(columns=wanted)
+            n = part.num_rows
+            parts.append(
+                pa.table(
+                    {
+                        "id": part.column("id").cast(pa.string()),
+                        "seed": part.column("seed").cast(pa.int64()) if "seed" in names else pa.nulls(n, pa.int64()),
+                        "class_label": (part.column("class_label").cast(pa.int64()) if "class_label" in names
+                                        else pa.nulls(n, pa.int64())),
+                        "prompt": part.column("prompt").cast(pa.string()) if "prompt" in names else pa.nulls(n, pa.string()),
+                        "error": part.column("error") if "error" in names else pa.nulls(n, pa.string()),
+                        "attempt": (part.column("attempt").cast(pa.int32()).fill_null(1) if "attempt" in names
+                                    else pa.array([1] * n, pa.int32())),
+                        "file": pa.array([index] * n, pa.int32()),
+                        "row": pa.array(range(n), pa.int64()),
+                    }
+                )
+            )
+        empty = pa.schema([("id", pa.string()), ("seed", pa.int64()), ("class_label", pa.int64()), ("prompt", pa.string()),
+                           ("error", pa.string()), ("attempt", pa.int32()), ("file", pa.int32()), ("row", pa.int64())])
+        table = pa.concat_tables(parts) if parts else empty.empty_table()
+        return cls(table, files)
+
+    def resolved(self):
+        """(kept, superseded) as pandas frames: per id the row that stands, and every other row."""
+        df = self.table.to_pandas()
+        df["ok"] = df["error"].isna()
+        df = df.sort_values(["file", "row"], kind="stable")
+        ok = df[df["ok"]].drop_duplicates("id", keep="first")
+        failed = df[~df["ok"] & ~df["id"].isin(ok["id"])]
+        failed = failed.sort_values(["attempt", "file", "row"], kind="stable").drop_duplicates("id", keep="last")
+        import pandas as pd
+
+        kept = pd.concat([ok, failed])
+        return kept, df.drop(index=kept.index)
+
+    def compact(self, location: Location) -> int:
+        """Rewrite the files that hold superseded rows without them; return how many rows went."""
+        _, superseded = self.resolved()
+        for index, rows in superseded.groupby("file"):
+            name = self.files[int(index)]
+            with location.fs.open(location.path(name), "rb") as f:
+                table = pq.read_table(f)
+            dropped = set(rows["row"])
+            keep = pa.array([i not in dropped for i in range(table.num_rows)])
+            remaining = table.filter(keep)
+            if remaining.num_rows == 0:
+                location.remove(name)
+                continue
+            buffer = io.BytesIO()
+            pq.write_table(remaining, buffer)
+            location.replace(name, buffer.getvalue())
+        return len(superseded)
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What a run was asked for against what the location holds for it after the run."""
+
+    asked: int
+    written: int  # asked ids with a row written without error
+    failed: int  # asked ids whose row is an error row
+    missing: int  # asked ids with no row at all
+    reasons: tuple[tuple[str, int], ...]  # (error, rows) for the failed rows, most frequent first
+
+    @property
+    def complete(self) -> bool:
+        return self.written == self.asked
+
+    def line(self) -> str:
+        return f"{self.asked} rows asked: {self.written} written, {self.failed} failed, {self.missing} missing"
+
+
+def reconcile(rows: Rows, asked_ids: pa.Array) -> Reconciliation:
+    kept, _ = rows.resolved()
+    asked = set(asked_ids.to_pylist())
+    kept = kept[kept["id"].isin(asked)]
+    written = int(kept["ok"].sum())
+    failed_rows = kept[~kept["ok"]]
+    reasons = tuple((str(reason), int(n)) for reason, n in failed_rows["error"].value_counts().items())
+    return Reconciliation(len(asked), written, len(failed_rows), len(asked) - len(kept), reasons)
 
 
 def read_outputs(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, files = _parquet_files(uri)
+    """Every row of the job's data files under `uri` (a location without a run record is read as it is)."""
+    location = Location(uri)
+    record = RunRecord.load(location)
+    if record is not None:
+        files = Inventory.take(location, record).data
+    else:
+        files = [n for n in location.names() if n.endswith(".parquet") and not n.startswith(("_", "."))]
     if not files:
         raise FileNotFoundError(f"no Parquet output under {uri}")
     tables = []
-    for path in files:
-        with fs.open(path, "rb") as f:
+    for name in files:
+        with location.fs.open(location.path(name), "rb") as f:
             tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables, promote_options="permissive")

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,14 +29,14 @@ from typing import Any
 import fsspec
 
 from invardiff.plan import PipelineSignature, Plan, PlanError
+from jobs.errors import JobInputError
 
 POINTER_FORMAT = "invardiff-plan-pointer/1"
+# What version_name() makes: a pointer naming anything else (a path, "..") is refused, so a tampered pointer can
+# never make a reader open a file outside its key's plans/ folder.
+VERSION_NAME = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}$")
 LATEST = "latest.json"
 STORE_ENV = "INVARDIFF_PLAN_STORE"
-
-
-class JobInputError(ValueError):
-    """Bad input to a job, found before any work starts: the CLI prints it and exits with code 2."""
 
 
 class StoreError(JobInputError):
@@ -149,10 +150,17 @@ class PlanStore:
             return None
         try:
             doc = json.loads(self.fs.cat_file(path))
-            if doc.get("format") != POINTER_FORMAT:
-                raise ValueError(f"format {doc.get('format')!r}")
-            return Pointer(**{k: doc[k] for k in ("key", "version", "plan_id", "checksum", "promoted_at")})
-        except (ValueError, KeyError, TypeError) as e:
+            if not isinstance(doc, dict) or doc.get("format") != POINTER_FORMAT:
+                raise ValueError(f"format {doc.get('format') if isinstance(doc, dict) else None!r}")
+            pointer = Pointer(**{k: doc[k] for k in ("key", "version", "plan_id", "checksum", "promoted_at")})
+            if pointer.key != key:
+                raise ValueError(f"it names key {pointer.key!r}")
+            if not isinstance(pointer.version, str) or not VERSION_NAME.match(pointer.version):
+                raise ValueError(f"version {pointer.version!r} is not a version name of this store")
+            return pointer
+        except IsADirectoryError:
+            raise StoreError(f"plan store {self.uri}: latest pointer of key {key} is a folder, not a file") from None
+        except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:
             raise StoreError(f"plan store {self.uri}: latest pointer of key {key} is corrupt ({e})") from None
 
     def load(self, version: Version) -> Plan:

@@ -32,7 +32,7 @@ def test_uncached_job_writes_one_row_per_manifest_row(ray_local, tmp_path):
     manifest = class_manifest([0, 1, 2], per_class=2, seed=5)
     manifest = manifest.append_column("tag", pa.array(list("abcdef")))
     summary = run_generate(manifest, str(tmp_path / "out"), TINY, schema=SCHEMA, batch_size=4)
-    assert summary.rows_written == 6 and summary.errors == 0
+    assert summary.complete and summary.reconciliation.written == 6 and summary.reconciliation.failed == 0
 
     out = read_outputs(str(tmp_path / "out"))
     rows = {r["id"]: r for r in out.to_pylist()}
@@ -56,7 +56,7 @@ def test_rerun_writes_only_missing_ids(ray_local, tmp_path):
     run_generate(first, out, TINY, schema=SCHEMA, batch_size=2)
     more = class_manifest([3], per_class=5, seed=0)
     summary = run_generate(more, out, TINY, schema=SCHEMA, batch_size=2)
-    assert summary.rows_skipped == 3 and summary.rows_written == 2
+    assert summary.rows_already_there == 3 and summary.rows_attempted == 2 and summary.reconciliation.written == 5
     ids = read_outputs(out, columns=["id"]).column("id").to_pylist()
     assert sorted(ids) == sorted(more.column("id").to_pylist())
 

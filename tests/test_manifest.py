@@ -28,7 +28,7 @@ def test_class_range_forms():
 
 def test_class_manifest_ids_and_seeds_are_distinct():
     t = class_manifest([0, 1], per_class=3, seed=10)
-    assert t.column("id").to_pylist() == ["c0-0", "c0-1", "c0-2", "c1-0", "c1-1", "c1-2"]
+    assert t.column("id").to_pylist() == ["c0-s10-0", "c0-s10-1", "c0-s10-2", "c1-s10-0", "c1-s10-1", "c1-s10-2"]
     assert t.column("seed").to_pylist() == list(range(10, 16))
     assert t.column("class_label").to_pylist() == [0, 0, 0, 1, 1, 1]
     validate_manifest(t, DIGITS)

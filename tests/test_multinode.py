@@ -123,7 +123,7 @@ def test_generation_job_submitted_to_a_two_node_cluster_writes_every_row_once_fr
     rows = read_outputs(str(out), columns=["id", "error", "node_id", "worker_id", "png"]).to_pylist()
     ids = [row["id"] for row in rows]
     assert len(ids) == len(set(ids)) == 16
-    assert sorted(ids) == sorted(f"c{c}-{i}" for c in range(4) for i in range(4))
+    assert sorted(ids) == sorted(f"c{c}-s0-{i}" for c in range(4) for i in range(4))
     assert all(row["error"] is None and row["png"] for row in rows)
     per_node = {}
     for row in rows:

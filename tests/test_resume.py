@@ -15,13 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.outputs import existing_ids, read_outputs
+from jobs.location import Location
+from jobs.outputs import Inventory, read_outputs
+from jobs.run_record import RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 INVARDIFF = str(Path(sys.executable).parent / "invardiff")
 # 48 rows at batch 2 on one actor: three blocks of 16, each committed as its own Parquet file.
 ARGS = ["generate", "--classes", "0-5", "--per-class", "8", "--steps", "10", "--batch-size", "2", "--workers", "1"]
-EXPECTED_IDS = sorted(f"c{c}-{i}" for c in range(6) for i in range(8))
+EXPECTED_IDS = sorted(f"c{c}-s0-{i}" for c in range(6) for i in range(8))
 
 
 def env() -> dict[str, str]:
@@ -78,13 +80,16 @@ def test_job_killed_halfway_then_rerun_writes_each_id_exactly_once(tmp_path):
     assert 0 < rows_before < len(EXPECTED_IDS), f"kill did not land halfway: {rows_before} rows written"
     kept = {path: path.read_bytes() for path in before}
 
-    # A write cut off mid-file: the rows of a block not yet committed, with the footer missing.
-    missing = sorted(set(EXPECTED_IDS) - existing_ids(str(out)))[:5]
+    # A write cut off mid-file: the rows of a block not yet committed, with the footer missing, in a file
+    # named as the killed run names its files.
+    killed_run = RunRecord.load(Location(str(out))).runs[-1]
+    assert killed_run["status"] == "running"
+    missing = sorted(set(EXPECTED_IDS) - set(read_outputs(str(out), columns=["id"]).column("id").to_pylist()))[:5]
     template = pq.read_table(next(iter(before))).slice(0, 1)
     partial_rows = pa.concat_tables([template] * len(missing)).set_column(
         0, "id", pa.array(missing, pa.string())
     )
-    partial = out / "killed-mid-write_000009-0.parquet"
+    partial = out / f"{killed_run['run_id']}_killed-mid-write_000009-0.parquet"
     pq.write_table(partial_rows, partial)
     partial.write_bytes(partial.read_bytes()[: partial.stat().st_size // 2])
 
@@ -94,7 +99,7 @@ def test_job_killed_halfway_then_rerun_writes_each_id_exactly_once(tmp_path):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     written = len(EXPECTED_IDS) - rows_before
     assert f"wrote {written} rows to {out} (0 errors, {rows_before} already there)" in rerun.stdout
-    assert f"removing unreadable output file {partial}" in rerun.stderr
+    assert f"removing {partial}, a write cut off before it finished" in rerun.stderr
     assert not partial.exists()
 
     table = read_outputs(str(out), columns=["id", "error", "png"])
@@ -111,23 +116,39 @@ def test_job_killed_halfway_then_rerun_writes_each_id_exactly_once(tmp_path):
     assert f"wrote 0 rows to {out} (0 errors, {len(EXPECTED_IDS)} already there)" in again.stdout
 
 
-def test_unreadable_files_are_removed_and_bookkeeping_files_ignored(tmp_path):
+RUN = "r20260101T000000Z0123abcd"
+
+
+def owned_location(tmp_path) -> Location:
+    """A location whose run record lists run RUN, as a job leaves it."""
+    location = Location(str(tmp_path))
+    RunRecord(request={}, runs=[{"run_id": RUN}]).save(location)
+    return location
+
+
+def test_own_unreadable_files_are_removed_and_foreign_ones_kept(tmp_path):
+    location = owned_location(tmp_path)
     good = pa.table({"id": ["a", "b"], "seed": pa.array([1, 2], pa.int64())})
-    pq.write_table(good, tmp_path / "part-0.parquet")
-    pq.write_table(pa.table({"id": ["c"], "seed": pa.array([3], pa.int64())}), tmp_path / "part-1.parquet")
-    truncated = (tmp_path / "part-1.parquet").read_bytes()[:-12]
-    (tmp_path / "part-1.parquet").write_bytes(truncated)
+    pq.write_table(good, tmp_path / f"{RUN}_w_000000.parquet")
+    pq.write_table(pa.table({"id": ["c"], "seed": pa.array([3], pa.int64())}), tmp_path / f"{RUN}_w_000001.parquet")
+    truncated = (tmp_path / f"{RUN}_w_000001.parquet").read_bytes()[:-12]
+    (tmp_path / f"{RUN}_w_000001.parquet").write_bytes(truncated)
     (tmp_path / "_checkpoint").mkdir()
     pq.write_table(pa.table({"id": ["z"]}), tmp_path / "_checkpoint" / "pending.parquet")
 
-    assert existing_ids(str(tmp_path)) == {"a", "b"}
-    assert not (tmp_path / "part-1.parquet").exists()
+    inventory = Inventory.take(location, RunRecord.load(location))
+    assert inventory.data == [f"{RUN}_w_000000.parquet"]
+    assert inventory.partial == [f"{RUN}_w_000001.parquet"]
+    assert inventory.foreign == ["_checkpoint/pending.parquet"]
+    inventory.remove_leftovers(location)
+    assert not (tmp_path / f"{RUN}_w_000001.parquet").exists()
     assert (tmp_path / "_checkpoint" / "pending.parquet").exists()
     assert read_outputs(str(tmp_path)).column("id").to_pylist() == ["a", "b"]
 
 
 @pytest.mark.parametrize("content", [b"", b"PAR1"])
 def test_empty_or_header_only_file_counts_as_partial(tmp_path, content):
-    (tmp_path / "x.parquet").write_bytes(content)
-    assert existing_ids(str(tmp_path)) == set()
-    assert not (tmp_path / "x.parquet").exists()
+    location = owned_location(tmp_path)
+    (tmp_path / f"{RUN}_x_000000.parquet").write_bytes(content)
+    inventory = Inventory.take(location, RunRecord.load(location))
+    assert inventory.partial == [f"{RUN}_x_000000.parquet"] and inventory.data == []
