@@ -2,7 +2,11 @@
 
 Images are float arrays in [0, 1] of shape (N, C, H, W) (or uint8 (N, H, W, C), converted on entry).
 PSNR follows the InvarDiff evaluation protocol (100 dB when the images are identical); SSIM is the standard
-Gaussian-window SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1).
+Gaussian-window SSIM (window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1), averaged over the interior where
+the window fits, as scikit-image does.
+
+Hand-written, not torchmetrics, because MS-SSIM must work on 16 px digits (torchmetrics refuses images under
+161 px); tests/test_fidelity.py checks all three against torchmetrics where it applies.
 """
 
 from __future__ import annotations
