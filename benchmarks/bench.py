@@ -63,10 +63,13 @@ class BenchConfig:
     device: str | None = None
     threads: int | None = 1  # one thread: on a shared 2-core box two threads oversubscribe and time 10x noisier
     calibration_runs: int = 16
+    forecast_calibration_runs: int = 8
     presets: tuple[str, ...] | None = None  # None: every DiT preset that exists
+    uniform_speedups: tuple[float, ...] = (2.5, 3.0, 4.0)  # "uniform spacing + forecast" baselines at these budgets
     tau_steps: tuple[float, ...] = (0.4, 0.55, 0.7, 0.8)
     fbc_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
     taylorseer_intervals: tuple[int, ...] = (2, 3, 4)
+    taylorseer_warmups: tuple[int, ...] = (3, 1)  # diffusers' default, and the smallest it allows
     mag_thresholds: tuple[float, ...] = (0.06, 0.12, 0.24)
     pab_ranges: tuple[int, ...] = (2,)
     dbcache_thresholds: tuple[float, ...] = (0.08, 0.16, 0.24)
@@ -85,7 +88,10 @@ QUICK = replace(
     batch_size=8,
     warmup_batch=1,
     calibration_runs=8,
-    presets=("fast", "quality"),
+    forecast_calibration_runs=4,
+    presets=("balanced", "fast", "copy-fast"),
+    uniform_speedups=(3.0,),
+    taylorseer_warmups=(1,),
     tau_steps=(0.45,),
     fbc_thresholds=(0.1,),
     taylorseer_intervals=(3,),
@@ -222,18 +228,44 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     from invardiff.presets import get_preset, preset_names
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, record_rates
 
+    from invardiff.forecast import computed_steps_for
+    from invardiff.presets import FORECAST_PRESETS
+    from pipelines.forecast_calibration import RECORD_MAX_GAP_FOR_BOUND, ForecastTarget, calibrate_forecast, candidate_errors
+
     steps = generator.num_inference_steps
     signature = generator.signature()
     rows = [Method("uncached", "uncached", NoCache())]
+    presets = config.presets or tuple(preset_names(generator.architecture))
 
-    # InvarDiff: phase 1 does not depend on the taus, so it is recorded once and shared by every bundle.
+    # Forecast presets: candidate errors are recorded once (up to runs of 4 gated steps) and shared by every
+    # budget; calibration seeds (10_000..) are disjoint from the evaluated ones (0..).
+    forecast_presets = [name for name in presets if name in FORECAST_PRESETS]
+    if forecast_presets:
+        f_requests = calibration_requests(generator, runs=config.forecast_calibration_runs)
+        say(f"forecast candidate errors on {len(f_requests)} runs")
+        errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND, say=say)
+        for name in forecast_presets:
+            goal = ForecastTarget(speedup=FORECAST_PRESETS[name], name=name)
+            plan = calibrate_forecast(generator, goal, f_requests, errors=errors, held_out=0)
+            label = f"InvarDiff {name} (forecast {plan.forecast['target']}, {plan.forecast_schedule.num_computed} computed)"
+            rows.append(Method(label, "invardiff", InvarDiffPolicy(plan)))
+    for speedup in config.uniform_speedups:
+        for target in ("residual", "modules"):
+            computed = computed_steps_for(steps, speedup)
+            plan = peers.uniform_forecast_plan(signature, computed, target)
+            rows.append(Method(f"uniform + forecast {target}, {computed} computed", "baseline", InvarDiffPolicy(plan)))
+
+    # InvarDiff paper mode: phase 1 does not depend on the taus, so it is recorded once and shared by every bundle.
     cal_requests = calibration_requests(generator, runs=config.calibration_runs)
     say(f"calibration phase 1 on {len(cal_requests)} runs")
     phase1 = record_rates(generator, cal_requests)
-    presets = config.presets or tuple(preset_names(generator.architecture))
-    bundles = [(f"InvarDiff {name}", "invardiff", TauBundle.from_preset(generator.architecture, name)) for name in presets]
-    if generator.architecture == "dit":
-        base = get_preset("dit", "balanced")  # the sweep varies tau_step only, at the balanced module taus
+    bundles = [
+        (f"InvarDiff {name}", "invardiff", TauBundle.from_preset(generator.architecture, name))
+        for name in presets
+        if name not in FORECAST_PRESETS
+    ]
+    if generator.architecture == "dit" and config.tau_steps:
+        base = get_preset("dit", "copy-balanced")  # the sweep varies tau_step only, at these module taus
         for tau in config.tau_steps:
             taus = {**base["taus"], "step": tau}
             bundles.append((f"InvarDiff tau_step={tau:g}", "invardiff-sweep", TauBundle(taus, base["nonskip_rate"])))
@@ -251,7 +283,11 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     rows += [Method(p.name, "diffusers", p) for p in map(peers.first_block_cache, config.fbc_thresholds)]
     rows += [
         Method(p.name, "diffusers", p)
-        for p in (peers.taylorseer(n, architecture=arch) for n in config.taylorseer_intervals)
+        for p in (
+            peers.taylorseer(n, architecture=arch, warmup=w)
+            for w in config.taylorseer_warmups
+            for n in config.taylorseer_intervals
+        )
     ]
     if config.mag_thresholds:
         say("MagCache ratios")

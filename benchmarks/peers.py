@@ -99,8 +99,13 @@ class DiffusersHookPolicy(_CountedPolicy):
         self._hook_names = tuple(hook_names)
 
     def attach(self, transformer) -> None:
+        from diffusers.hooks import HookRegistry
+
         transformer = unwrap(transformer)
         self._apply(transformer)
+        # New hooks on descendants stale the child-registry list that `cache_context` walks (diffusers #14037):
+        # without this, a peer attached after another method's cache_context fails with "No cache context is set".
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         self._attach_counter(transformer)
 
     def detach(self, transformer) -> None:
@@ -134,19 +139,30 @@ def first_block_cache(threshold: float) -> DiffusersHookPolicy:
 DIT_TAYLORSEER_IDENTIFIERS = [r"^transformer_blocks\.\d+\.attn1", r"^transformer_blocks\.\d+\.ff"]
 
 
-def taylorseer(interval: int, order: int = 1, architecture: str = "dit") -> DiffusersHookPolicy:
+# diffusers' default warm-up: steps 0..2 always compute. The smallest it allows is 1 (step 0 must compute: a
+# prediction needs at least one computed value).
+TAYLORSEER_DEFAULT_WARMUP = 3
+TAYLORSEER_MIN_WARMUP = 1
+
+
+def taylorseer(
+    interval: int, order: int = 1, architecture: str = "dit", warmup: int = TAYLORSEER_DEFAULT_WARMUP
+) -> DiffusersHookPolicy:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 
     config = TaylorSeerCacheConfig(
         cache_interval=interval,
         max_order=order,
+        disable_cache_before_step=warmup,
         # fp32 factors: the default bf16 would charge TaylorSeer a rounding error the fp32 model does not make.
         taylor_factors_dtype=torch.float32,
         cache_identifiers=DIT_TAYLORSEER_IDENTIFIERS if architecture == "dit" else None,
     )
     return DiffusersHookPolicy(
-        f"TaylorSeer N={interval} O={order}", lambda t: apply_taylorseer_cache(t, config), (_TAYLORSEER_CACHE_HOOK,)
+        f"TaylorSeer N={interval} O={order} W={warmup}",
+        lambda t: apply_taylorseer_cache(t, config),
+        (_TAYLORSEER_CACHE_HOOK,),
     )
 
 
@@ -311,6 +327,18 @@ def interval_plan(signature, interval: int, *, granularity: str = "step"):
         taus=zero,
         nonskip_rate=0.0,
         calibration={"method": f"fixed-interval-{granularity}", "interval": interval},
+    )
+
+
+def uniform_forecast_plan(signature, num_computed: int, target: str):
+    """The "uniform spacing + first-order forecast" baseline: computed steps evenly spaced from step 0, every gated
+    step forecast linearly from the last two (copied where only one exists). A calibrated schedule must beat it."""
+    from invardiff.forecast import uniform_schedule
+    from invardiff.plan import Plan
+
+    schedule = uniform_schedule(signature.num_inference_steps, num_computed)
+    return Plan.from_forecast(
+        signature, schedule, target=target, calibration={"method": "uniform-forecast", "computed_steps": num_computed}
     )
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from invardiff.calibration import STEP, bits, effective_modules, reuse_share
-from invardiff.plan import FORMAT, Plan
+from invardiff.plan import Plan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,7 +24,7 @@ def format_plan(plan: Plan, *, show_modules: bool = False) -> str:
     sig, summary = plan.signature, plan.summary()
     taus = "  ".join(f"{name} {tau:g}" for name, tau in summary["taus"].items())
     lines = [
-        f"plan        {plan.plan_id}  ({FORMAT}, created {plan.created_at})",
+        f"plan        {plan.plan_id}  ({plan.format}, {plan.mode} mode, created {plan.created_at})",
         f"pipeline    {sig.architecture}  {sig.model_id!r}  {sig.model_fingerprint}",
         f"            {sig.scheduler}, {sig.num_inference_steps} steps, {sig.height}x{sig.width}, "
         f"guidance {sig.guidance_mode} {sig.guidance_scale:g}, {sig.dtype}",
@@ -34,6 +34,15 @@ def format_plan(plan: Plan, *, show_modules: bool = False) -> str:
         f"longest gated run {summary['longest_gated_run']}",
         f"            {summary['step_gate']}",
     ]
+    if plan.forecast is not None:
+        forecast = plan.forecast
+        lines.append(f"forecast    {forecast['target']}: gated steps filled from the last two computed steps; "
+                     "orders ('-' computed, 0 copy, 1 linear)")  # fmt: skip
+        lines.append(f"            {forecast['orders']}")
+        held_out = plan.calibration.get("held_out")
+        if held_out:
+            lines.append(f"held-out    rel err {held_out['rel_err']:.4f} on {held_out['runs']} unseen seeds "
+                         f"(worst run {held_out['rel_err_max_run']:.4f})")  # fmt: skip
     if plan.modules:
         width = max(len(family) for family in [*plan.modules, "attn&context_attn"])
         lines.append(f"reuse       {'family':<{width}}  layers   grid  non-gated rows")

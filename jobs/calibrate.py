@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jobs import console
+
 if TYPE_CHECKING:  # torch loads only inside workers and commands
     from pipelines.build import GeneratorConfig
 
@@ -61,6 +63,7 @@ class CalibrationWorker:
         import ray
 
         from pipelines.calibration import calibration_requests
+        from pipelines.forecast_calibration import held_out_requests
 
         return {
             "signature": self.generator.signature(),
@@ -68,6 +71,7 @@ class CalibrationWorker:
             "model_id": self.generator.model_id,
             "device": str(self.generator.device),
             "requests": calibration_requests(self.generator, runs=runs, seed=seed),
+            "held_out": held_out_requests(self.generator),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
@@ -90,6 +94,21 @@ class CalibrationWorker:
                 os._exit(1)
         # One batch per chunk: the same batch the single-process calibration forms for these runs.
         return chunk_index, record_rates(self.generator, requests, provisional=provisional, batch_size=len(requests))
+
+    def record_forecast(self, chunk_index: int, requests: list, target: str, max_gap: int):
+        from pipelines.forecast_calibration import record_errors
+
+        return chunk_index, record_errors(self.generator, requests, target, max_gap, batch_size=len(requests))[0]
+
+    def measure_fit(self, chunk_index: int, requests: list, plan):
+        from pipelines.forecast_calibration import measure_fit
+
+        return chunk_index, measure_fit(self.generator, requests, plan, batch_size=len(requests))[0]
+
+    def sampler_gains(self):
+        from pipelines.forecast_calibration import sampler_gains
+
+        return sampler_gains(self.generator)
 
 
 @dataclass
@@ -194,6 +213,7 @@ class CalibrationJob:
         info = ray.get(self._actors[0].describe.remote(self.runs, self.seed))
         self.signature = info["signature"]
         self.requests = info["requests"]
+        self.held_out = info["held_out"]
         self.architecture = info["architecture"]
         self.stats.seconds["startup"] = time.perf_counter() - started
         self.say(
@@ -229,6 +249,29 @@ class CalibrationJob:
     def record_phase(self, phase: int, provisional=None) -> dict[str, np.ndarray]:
         """Per-run rates of every calibration run, pooled in request order whatever the completion order."""
         import ray
+
+        from pipelines.calibration import pool
+
+        started = time.perf_counter()
+        provisional_ref = ray.put(provisional) if provisional is not None else None
+
+        def submit(actor, index, chunk):
+            return actor.record.remote(index, chunk, provisional_ref, self.crash_once_marker)
+
+        def check(index, chunk, rates):
+            if any(values.shape[0] != len(chunk) for values in rates.values()):
+                raise CalibrationJobError(f"phase {phase}: chunk {index} returned the wrong number of runs")
+
+        results = self.map_chunks(f"phase {phase}", self.requests, submit, check)
+        pooled = pool(results)
+        self.stats.runs[phase] = int(next(iter(pooled.values())).shape[0])
+        self.stats.seconds[f"phase{phase}"] = time.perf_counter() - started
+        return pooled
+
+    def map_chunks(self, label: str, requests: list, submit, check=None) -> list:
+        """Run ``submit(actor, chunk_index, chunk)`` for every chunk of ``batch_size`` requests on whichever worker is
+        free, replacing workers that die; returns the results in chunk order, whatever the completion order."""
+        import ray
         from ray.exceptions import (
             ActorDiedError,
             ActorUnavailableError,
@@ -236,22 +279,21 @@ class CalibrationJob:
             WorkerCrashedError,
         )
 
-        started = time.perf_counter()
-        chunks = [self.requests[i : i + self.batch_size] for i in range(0, len(self.requests), self.batch_size)]
+        chunks = [requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
         pending = deque(range(len(chunks)))
         attempts = [0] * len(chunks)
         idle = list(range(len(self._actors)))
         in_flight: dict = {}  # ObjectRef -> (actor slot, chunk index)
         booting: dict = {}  # ObjectRef of a replacement's ready() -> actor slot
         boot_failures = 0
-        results: dict[int, dict[str, np.ndarray]] = {}
-        provisional_ref = ray.put(provisional) if provisional is not None else None
+        results: dict[int, object] = {}
         done_runs = 0
+        progress = console.Progress(label, len(requests), unit="runs").start()
         while pending or in_flight:
             while pending and idle:
                 slot, index = idle.pop(), pending.popleft()
                 attempts[index] += 1
-                ref = self._actors[slot].record.remote(index, chunks[index], provisional_ref, self.crash_once_marker)
+                ref = submit(self._actors[slot], index, chunks[index])
                 in_flight[ref] = (slot, index)
             ready, _ = ray.wait([*in_flight, *booting], num_returns=1)
             for ref in ready:
@@ -263,46 +305,37 @@ class CalibrationJob:
                     except (ActorDiedError, ActorUnavailableError, WorkerCrashedError, RayActorError) as e:
                         boot_failures += 1
                         if boot_failures > self.max_retries:
-                            raise CalibrationJobError(f"phase {phase}: replacement workers keep dying") from e
+                            raise CalibrationJobError(f"{label}: replacement workers keep dying") from e
                         booting[self._replace(slot)] = slot
                     continue
                 slot, index = in_flight.pop(ref)
                 try:
-                    got_index, rates = ray.get(ref)
+                    got_index, result = ray.get(ref)
                 except (ActorDiedError, ActorUnavailableError, WorkerCrashedError, RayActorError) as e:
                     if attempts[index] > self.max_retries:
                         raise CalibrationJobError(
-                            f"phase {phase}: chunk {index} failed {attempts[index]} times, last: {type(e).__name__}"
+                            f"{label}: chunk {index} failed {attempts[index]} times, last: {type(e).__name__}"
                         ) from e
                     self.stats.retries += 1
                     self.stats.replaced_workers += 1
-                    self.say(f"phase {phase}: worker {slot} died ({type(e).__name__}); replacing it, retrying chunk {index}")
+                    self.say(f"{label}: worker {slot} died ({type(e).__name__}); replacing it, retrying chunk {index}")
                     # The chunk goes back to the front of the queue for whichever worker is free first; the
                     # replacement takes work only once its model is loaded, so nobody waits on its start-up.
                     pending.appendleft(index)
                     booting[self._replace(slot)] = slot
                     continue
                 except ray.exceptions.RayTaskError as e:  # a bug or bad input: retrying would fail the same way
-                    raise CalibrationJobError(f"phase {phase}: chunk {index} raised {e.cause!r}") from e
+                    raise CalibrationJobError(f"{label}: chunk {index} raised {e.cause!r}") from e
                 idle.append(slot)
                 if got_index != index or got_index in results:
                     continue
-                expected = len(chunks[index])
-                if any(values.shape[0] != expected for values in rates.values()):
-                    raise CalibrationJobError(f"phase {phase}: chunk {index} returned the wrong number of runs")
-                results[index] = rates
-                done_runs += expected
-                elapsed = time.perf_counter() - started
-                self.say(
-                    f"phase {phase}: {done_runs}/{len(self.requests)} runs, {len(results)}/{len(chunks)} chunks, "
-                    f"{done_runs / elapsed:.2f} runs/s" + (f", {self.stats.retries} retried" if self.stats.retries else "")
-                )
-        from pipelines.calibration import pool
-
-        pooled = pool([results[i] for i in range(len(chunks))])
-        self.stats.runs[phase] = int(next(iter(pooled.values())).shape[0])
-        self.stats.seconds[f"phase{phase}"] = time.perf_counter() - started
-        return pooled
+                if check is not None:
+                    check(index, chunks[index], result)
+                results[index] = result
+                done_runs += len(chunks[index])
+                progress.update(done_runs)
+        progress.close()
+        return [results[i] for i in range(len(chunks))]
 
     def calibrate(self, bundle, provisional_mode: str = "full", phase1: dict | None = None):
         """Both phases -> the final plan (the single-process `pipelines.calibration.calibrate`, distributed)."""
@@ -314,6 +347,48 @@ class CalibrationJob:
         p1 = provisional_plan(rho1, bundle, provisional_mode)
         phase2 = self.record_phase(2, provisional=p1)
         return build_plan(self.signature, rho1, mean_of(phase2), bundle, self.requests, provisional_mode)
+
+
+    def calibrate_forecast(self, goal, *, orders=(0, 1), held_out: int = 8):
+        """A forecast plan for ``goal`` (the single-process `pipelines.forecast_calibration.calibrate_forecast`,
+        distributed): candidate errors and fit checks run chunk by chunk on the workers and are combined in chunk
+        order, so the plan is identical for any worker count."""
+        import ray
+
+        from invardiff.forecast import pool_errors
+        from pipelines.forecast_calibration import TARGETS, choose_plan, with_held_out_check
+
+        started = time.perf_counter()
+        gap = goal.record_gap(self.signature.num_inference_steps)
+        errors = {}
+        for target in TARGETS:
+            parts = self.map_chunks(
+                f"{target} candidate errors", self.requests,
+                lambda actor, index, chunk, t=target: actor.record_forecast.remote(index, chunk, t, gap),
+            )  # fmt: skip
+            errors[target] = pool_errors(parts)
+        gains = ray.get(self._actors[0].sampler_gains.remote())
+
+        def evaluate(plan, requests=None):
+            plan_ref = ray.put(plan)
+            return self.map_chunks(
+                "fit check", requests or self.requests,
+                lambda actor, index, chunk: actor.measure_fit.remote(index, chunk, plan_ref),
+            )  # fmt: skip
+
+        record = {
+            "runs": len(self.requests),
+            "inputs": [r.class_label if r.class_label is not None else r.prompt for r in self.requests],
+            "seeds": [int(r.seed) for r in self.requests],
+            "batch_size": self.batch_size,
+        }
+        plan = choose_plan(self.signature, goal, errors, gains, evaluate, orders=orders, record=record, say=self.say)
+        if held_out:
+            checks = self.held_out[:held_out]
+            plan = with_held_out_check(plan, evaluate(plan, checks), goal, [r.seed for r in checks])
+        self.stats.runs[1] = len(self.requests)
+        self.stats.seconds["forecast"] = time.perf_counter() - started
+        return plan
 
 
 def start_workers(config: GeneratorConfig, workers: int, address: str | None = None, torch_threads: int | None = None) -> list:
@@ -432,10 +507,14 @@ def run_calibrate_job(
             if existing is not None and not refresh:
                 return None, Outcome(key, "skipped", existing.plan_id), job.stats
         say(
-            f"calibrating: {runs} runs x {job.signature.num_inference_steps} steps, two phases, "
+            f"calibrating: {runs} runs x {job.signature.num_inference_steps} steps, "
+            f"{'forecast plan' if hasattr(bundle, 'record_gap') else 'two phases'}, "
             f"chunks of {job.batch_size} runs on {job.stats.workers} worker(s)"
         )
-        plan = job.calibrate(bundle, provisional_mode)
+        if hasattr(bundle, "record_gap"):  # a ForecastTarget
+            plan = job.calibrate_forecast(bundle)
+        else:
+            plan = job.calibrate(bundle, provisional_mode)
     if out:
         from jobs.ray_runtime import storage_options_for
 

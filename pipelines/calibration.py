@@ -41,6 +41,8 @@ class TauBundle:
         from invardiff.presets import get_preset
 
         preset = get_preset(architecture, name)
+        if "taus" not in preset:
+            raise ValueError(f"preset {name!r} is a forecast target ({preset['target_speedup']}x), not a tau bundle")
         return cls(taus=preset["taus"], nonskip_rate=preset["nonskip_rate"], name=name)
 
 
@@ -142,13 +144,17 @@ def calibrate(
     provisional_mode: str = "full",
     phase1: Rates | None = None,
     progress: Callable[[str], None] | None = None,
+    on_runs: Callable[[str, int, int], None] | None = None,
 ):
     """Two-phase calibration in this process. Pass `phase1` (per-run rates) to reuse phase 1 across tau
-    bundles: it does not depend on the taus, phase 2 does."""
+    bundles: it does not depend on the taus, phase 2 does. `on_runs(phase label, runs done, runs in phase)`
+    is called after each batch (for a progress line; without it, `progress` gets a message per batch)."""
     requests = list(requests or calibration_requests(generator))
     say = progress or (lambda _msg: None)
 
     def batch_progress(phase):
+        if on_runs is not None:
+            return lambda done, total: on_runs(f"phase {phase}", done, total)
         return lambda done, total: say(f"phase {phase}: {done}/{total} runs")
 
     if phase1 is None:

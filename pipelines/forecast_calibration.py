@@ -259,6 +259,28 @@ def with_held_out_check(plan, parts: Sequence[FitParts], goal: ForecastTarget, s
     )
 
 
+def candidate_errors(
+    generator: Generator,
+    requests: Sequence[Request],
+    max_gap: int,
+    *,
+    targets: Sequence[str] = TARGETS,
+    batch_size: int = 16,
+    say: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Errors]:
+    """{target: pooled candidate errors} over ``requests``; reusable across goals that need at most ``max_gap``."""
+    from invardiff.forecast import pool_errors
+
+    errors = {}
+    for target in targets:
+        parts = record_errors(
+            generator, requests, target, max_gap, batch_size,
+            on_batch=lambda done, total, t=target: say(f"{t} candidate errors: {done}/{total} runs"),
+        )  # fmt: skip
+        errors[target] = pool_errors(parts)
+    return errors
+
+
 def calibrate_forecast(
     generator: Generator,
     goal: ForecastTarget,
@@ -268,24 +290,22 @@ def calibrate_forecast(
     orders: Sequence[int] = (0, 1),
     batch_size: int = 16,
     held_out: int = HELD_OUT_RUNS,
+    errors: dict[str, Errors] | None = None,
     progress: Callable[[str], None] | None = None,
 ):
-    """Forecast calibration in this process: record candidate errors per target, choose, check on held-out seeds."""
+    """Forecast calibration in this process: record candidate errors per target, choose, check on held-out seeds.
+    ``errors``: candidate errors from :func:`candidate_errors` on the same requests, to share across goals."""
     from pipelines.calibration import calibration_requests
 
     say = progress or (lambda _m: None)
     requests = list(requests or calibration_requests(generator, runs=8))
     signature = generator.signature()
-    gap = goal.record_gap(signature.num_inference_steps)
-    errors = {}
-    for target in targets:
-        parts = record_errors(
-            generator, requests, target, gap, batch_size,
-            on_batch=lambda done, total, t=target: say(f"{t} candidate errors: {done}/{total} runs"),
+    if errors is None:
+        errors = candidate_errors(
+            generator, requests, goal.record_gap(signature.num_inference_steps), targets=targets,
+            batch_size=batch_size, say=say,
         )  # fmt: skip
-        from invardiff.forecast import pool_errors
-
-        errors[target] = pool_errors(parts)
+    errors = {t: errors[t] for t in targets}
     gains = sampler_gains(generator)
     record = {
         "runs": len(requests),

@@ -54,7 +54,7 @@ def ray_env(request):
 def bundle():
     from pipelines.calibration import TauBundle
 
-    return TauBundle.from_preset("dit", "balanced")
+    return TauBundle.from_preset("dit", "copy-balanced")
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +91,30 @@ def run_job(bundle, actors, **kwargs):
 
 def test_three_workers_equal_one_worker_and_single_process(bundle, reference, workers):
     one, one_stats, _ = run_job(bundle, workers[:1])
-    three, three_stats, messages = run_job(bundle, workers)
+    three, three_stats, _ = run_job(bundle, workers)
     assert content(one) == content(reference)
     assert content(three) == content(reference)
     assert one_stats.runs == three_stats.runs == {1: RUNS, 2: RUNS}
     assert three_stats.workers == 3 and three_stats.retries == 0
     assert three.calibration["runs"] == RUNS and len(three.calibration["seeds"]) == RUNS
-    # progress reaches the driver, per chunk and phase
-    assert any(m.startswith(f"phase 2: {RUNS}/{RUNS} runs") for m in messages)
+
+
+def test_forecast_plan_is_identical_for_one_and_three_workers_and_single_process(workers):
+    from jobs.calibrate import CalibrationJob
+    from pipelines.build import build_generator
+    from pipelines.calibration import calibration_requests
+    from pipelines.forecast_calibration import ForecastTarget, calibrate_forecast
+
+    goal = ForecastTarget(speedup=2.0)
+    generator = build_generator(CONFIG)
+    single = calibrate_forecast(generator, goal, calibration_requests(generator, runs=RUNS), batch_size=BATCH)
+    plans = []
+    for actors in (workers[:1], workers):
+        with CalibrationJob(CONFIG, workers=len(actors), runs=RUNS, batch_size=BATCH, actors=actors) as job:
+            plans.append(job.calibrate_forecast(goal))
+    assert content(plans[0]) == content(single)
+    assert content(plans[1]) == content(single)
+    assert single.mode == "forecast" and single.forecast_schedule.num_computed == STEPS // 2
 
 
 def test_dead_worker_is_replaced_and_its_runs_counted_once(bundle, reference, workers, tmp_path):
@@ -183,7 +199,7 @@ def test_s3_store_calibrate_then_generate_latest(bundle, reference, workers, s3_
     out = "s3://invardiff-e2e/runs/cached"
     summary = run_generate(table, out, CONFIG, schema=ManifestSchema("class_label", num_classes=NUM_CLASSES),
                            plan_json=resolved.to_json(), batch_size=4, workers=1)
-    assert summary.rows_written == 4 and summary.errors == 0
+    assert summary.reconciliation.written == 4 and summary.reconciliation.failed == 0
     written = pq.read_table(out.removeprefix("s3://"), filesystem=fs)
     assert set(written.column("plan_id").to_pylist()) == {plan.plan_id}
 

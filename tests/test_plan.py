@@ -325,7 +325,7 @@ def test_from_rates_thresholds_the_corrected_rates(plan):
 
 
 def test_presets():
-    # The paper points are kept verbatim; fast/balanced/quality are retuned on our models (BENCHMARKS.md).
+    # The paper points are kept verbatim; quality/balanced/fast/turbo are forecast targets (BENCHMARKS.md).
     assert get_preset("dit", "paper-dit-fast") == {"nonskip_rate": 0.0, "taus": {"step": 0.63, "attn": 0.22, "ff": 0.22}}
     assert get_preset("dit", "paper-dit-slow")["taus"] == {"step": 0.61, "attn": 0.20, "ff": 0.20}
     flux_fast = get_preset("flux", "paper-flux-fast")
@@ -337,8 +337,9 @@ def test_presets():
         assert len(families) == 1  # every preset of an architecture covers the same families
     get_preset("dit", "paper-dit-fast")["taus"]["step"] = 0.0
     assert PRESETS["dit"]["paper-dit-fast"]["taus"]["step"] == 0.63  # callers get copies
-    with pytest.raises(ValueError, match="valid names: paper-dit-fast, paper-dit-slow, fast, balanced, quality"):
-        get_preset("dit", "turbo")
+    assert [get_preset("dit", n)["target_speedup"] for n in ("quality", "balanced", "fast", "turbo")] == [2, 2.5, 3, 4]
+    with pytest.raises(ValueError, match="valid names: quality, balanced, fast, turbo, paper-dit-fast, paper-dit-slow"):
+        get_preset("dit", "warp")
 
 
 def test_report_text_and_heatmaps(plan, tmp_path):
