@@ -231,3 +231,48 @@ def test_flux_threshold_zero_is_bitwise_the_full_model():
     outputs, stats, _ = run(model, DiCachePolicy(0.0, 12), flux_sample, inputs)
     assert all(torch.equal(a, b) for a, b in zip(reference, outputs))
     assert stats.module_evals_computed == stats.module_evals_total
+
+
+# ---- through the job and the CLI
+
+
+def test_shipped_spec_becomes_a_dicache_policy():
+    from invardiff.policies import policy_from_json, policy_spec_json
+
+    spec = policy_spec_json("dicache", threshold=0.3, batch_mode="global")
+    policy = policy_from_json(spec, num_steps=T)
+    assert isinstance(policy, DiCachePolicy) and policy.name == "dicache"
+    assert policy._options["threshold"] == 0.3 and policy._options["batch_mode"] == "global"
+    with pytest.raises(ValueError, match="number of steps"):
+        policy_from_json(spec)
+
+
+def test_cli_ships_a_dicache_spec_and_refuses_a_plan_for_it():
+    from jobs.cli import UserError, _shipped_policy
+
+    spec = _shipped_policy(None, policy_name="dicache", dicache_threshold=0.2, dicache_batch_mode="global")
+    assert '"threshold": 0.2' in spec and '"batch_mode": "global"' in spec
+    with pytest.raises(UserError, match="takes no --plan"):
+        _shipped_policy("{}", policy_name="dicache", dicache_threshold=None, dicache_batch_mode="row")
+    with pytest.raises(UserError, match="dicache only"):
+        _shipped_policy(None, policy_name=None, dicache_threshold=0.2, dicache_batch_mode="row")
+
+
+def test_generate_job_runs_dicache_and_its_rows_count_what_ran(ray_local, tmp_path):
+    from invardiff.policies import policy_spec_json
+    from jobs.generate import run_generate
+    from jobs.manifest import ManifestSchema, class_manifest
+    from jobs.outputs import read_outputs
+    from pipelines.build import GeneratorConfig
+
+    config = GeneratorConfig(model="tiny-dit", num_inference_steps=10, device="cpu")
+    out = str(tmp_path / "out")
+    spec = policy_spec_json("dicache", threshold=0.5)
+    run_generate(class_manifest([0, 1], per_class=2, seed=0), out, config,
+                 schema=ManifestSchema("class_label", num_classes=10), plan_json=spec, batch_size=4)
+    rows = read_outputs(out).to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["error"] is None and row["policy"] == "dicache" and row["plan_id"] is None
+        assert row["steps_total"] == 10 and row["steps_computed"] < 10
+        assert row["module_evals_computed"] < row["module_evals_total"] == 10 * 2 * 3

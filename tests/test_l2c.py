@@ -212,3 +212,38 @@ def test_router_for_other_units_is_refused():
     router = L2CRouter(signature(), ["a", "b"], np.zeros((T, 2)))
     with pytest.raises(ValueError, match="other units"):
         router.to_plan(tiny_dit())
+
+
+def test_a_shipped_l2c_plan_becomes_an_l2c_policy_and_an_invardiff_plan_stays_invardiff():
+    from invardiff.policies import make_policy, policy_from_json
+
+    model = tiny_dit()
+    names = [site.name for site in get_adapter(model).cache_sites(model)]
+    l2c_plan = L2CRouter(signature(), names, np.full((T, 6), -5.0)).to_plan(model)
+    assert policy_from_json(l2c_plan.to_json()).name == "l2c"
+    assert policy_from_json(Plan.all_compute(signature()).to_json()).name == "invardiff"
+    assert policy_from_json(None).name == "none"
+    with pytest.raises(ValueError, match="needs a plan"):
+        make_policy("l2c")
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        make_policy("teacache")
+
+
+def test_cli_checks_that_policy_and_plan_agree():
+    from jobs.cli import UserError, _shipped_policy
+
+    model = tiny_dit()
+    names = [site.name for site in get_adapter(model).cache_sites(model)]
+    l2c_json = L2CRouter(signature(), names, np.zeros((T, 6))).to_plan(model).to_json()
+    invardiff_json = Plan.all_compute(signature()).to_json()
+    options = dict(dicache_threshold=None, dicache_batch_mode="row")
+    assert _shipped_policy(l2c_json, policy_name="l2c", **options) == l2c_json
+    assert _shipped_policy(l2c_json, policy_name=None, **options) == l2c_json  # the plan's record decides
+    for plan_json, name, message in [
+        (invardiff_json, "l2c", "made by"),
+        (l2c_json, "invardiff", "made by"),
+        (None, "l2c", "train-router"),
+        (l2c_json, "none", "takes no --plan"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            _shipped_policy(plan_json, policy_name=name, **options)
