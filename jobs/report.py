@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import typer
 
+from jobs.hf_features import png_bytes
 from jobs.throughput import Throughput, throughput
 
 if TYPE_CHECKING:  # pandas costs about a second to import; the CLI loads this module on every call.
@@ -514,7 +515,7 @@ def image_fidelity(
     shape_mismatches = 0
     pairs_by_shape: dict[tuple[int, ...], tuple[list[np.ndarray], list[np.ndarray], list[str]]] = {}
     for image_id in ids:
-        cached_bytes, baseline_bytes = cached_png.get(image_id), baseline_png.get(image_id)
+        cached_bytes, baseline_bytes = png_bytes(cached_png.get(image_id)), png_bytes(baseline_png.get(image_id))
         if cached_bytes is None or baseline_bytes is None:
             continue
         cached, reference = decode_png(cached_bytes), decode_png(baseline_bytes)
@@ -555,7 +556,8 @@ def sample_pairs(current: OutputFiles, baseline: OutputFiles, psnr_by_id: Mappin
         if image_id in shown:  # fewer than three images compared
             continue
         shown.add(image_id)
-        pairs.append(SamplePair(label, image_id, psnr_by_id[image_id], reference[image_id], cached[image_id]))
+        pairs.append(SamplePair(label, image_id, psnr_by_id[image_id], png_bytes(reference[image_id]),
+                                png_bytes(cached[image_id])))
     return tuple(pairs)
 
 

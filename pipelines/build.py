@@ -44,6 +44,12 @@ class GeneratorConfig:
 DIGITS_DEFAULT_GUIDANCE = 1.5
 
 
+def class_names(model: str) -> list[str] | None:
+    """What each class id of a class-conditional model means, where we know it: the digits model's classes
+    are the digits. Random-init models have no meaning for theirs, and a checkpoint's are not in its files."""
+    return [str(digit) for digit in range(digits.NUM_CLASSES)] if model == "digits" else None
+
+
 def build_generator(config: GeneratorConfig):
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")

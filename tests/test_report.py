@@ -260,6 +260,21 @@ def test_samples_show_the_worst_median_and_best_pair(run_dir, baseline_dir, tmp_
     assert 'id="samples"' in report.files["report.html"].read_text()
 
 
+def test_png_stored_as_an_image_struct_reads_the_same(run_dir, baseline_dir, tmp_path):
+    from jobs.hf_features import png_array
+
+    as_struct = []
+    for spec in RUN:
+        row = output_row(spec)
+        row["png"] = png_array([row["png"]], [row["id"]])[0].as_py()
+        as_struct.append(row)
+    write_parquet_files(as_struct, tmp_path / "struct-run")
+    binary = build_report(str(run_dir), tmp_path / "a", prices=PRICES, baseline_uri=str(baseline_dir))
+    struct = build_report(str(tmp_path / "struct-run"), tmp_path / "b", prices=PRICES, baseline_uri=str(baseline_dir))
+    assert struct.baseline.fidelity == binary.baseline.fidelity
+    assert [s.cached_png for s in struct.baseline.samples] == [s.cached_png for s in binary.baseline.samples]
+
+
 def test_throughput_is_worded_as_generate_prints_it(run_dir, tmp_path):
     from jobs.throughput import throughput
 
