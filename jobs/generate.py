@@ -309,8 +309,9 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
            batch_class) -> tuple[int, str]:
     import ray
 
-    from jobs import console
+    from jobs import console, hf_features
     from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for
+    from pipelines.build import class_names
 
     ensure_ray(address)
     # Start generating only when the whole pool is up: otherwise the first actor to load the model
@@ -328,7 +329,9 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
 
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.num_rows / (workers * 2))))
-    ds = ray.data.from_arrow(_split_blocks(todo, rows_per_block))
+    # The class names ride on the manifest's schema to the actors, which write them as ClassLabel metadata.
+    named = hf_features.with_metadata(todo.schema, class_names(generator_config.model))
+    ds = ray.data.from_arrow(_split_blocks(todo.replace_schema_metadata(named.metadata), rows_per_block))
     counter = console.row_counter()
     ds = ds.map_batches(
         batch_class,

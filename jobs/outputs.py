@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import hf_features
 from jobs.errors import JobInputError
 from jobs.location import Location
 from jobs.lease import LEASE_NAME
@@ -32,7 +33,7 @@ log = logging.getLogger("invardiff")
 
 # Fixed types, so that error rows (all nulls) and image rows from different actors write compatible files.
 GENERATED_FIELDS = [
-    pa.field("png", pa.binary()),
+    pa.field("png", hf_features.PNG_TYPE),  # {bytes, path}: how datasets.Image stores an image
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("model_id", pa.string()),
@@ -63,7 +64,10 @@ class ForeignFilesError(JobInputError):
 
 
 def output_schema(manifest_schema: pa.Schema) -> pa.Schema:
-    return pa.schema([f for f in manifest_schema if f.name not in GENERATED_NAMES] + GENERATED_FIELDS)
+    """The manifest's columns, then ours; with the features that make the files a Hugging Face image dataset
+    (and `class_label` a ClassLabel when the manifest's metadata names the classes, jobs/hf_features.py)."""
+    schema = pa.schema([f for f in manifest_schema if f.name not in GENERATED_NAMES] + GENERATED_FIELDS)
+    return hf_features.with_metadata(schema, hf_features.class_names(manifest_schema))
 
 
 def rows_to_table(rows: list[dict], manifest_schema: pa.Schema) -> pa.Table:
@@ -74,6 +78,8 @@ def rows_to_table(rows: list[dict], manifest_schema: pa.Schema) -> pa.Table:
         if field.name == "finished_at":
             values = [None if v is None else int(v * 1000) for v in values]
             columns[field.name] = pa.array(values, pa.int64()).cast(field.type)
+        elif field.name == "png":
+            columns[field.name] = hf_features.png_array(values, [r.get("id") for r in rows])
         else:
             columns[field.name] = pa.array(values, field.type)
     return pa.table(columns, schema=schema)

@@ -46,7 +46,7 @@ def test_uncached_job_writes_one_row_per_manifest_row(ray_local, tmp_path):
         assert row["module_evals_computed"] == row["module_evals_total"] == 4 * 2 * 3
         assert row["device"] == "cpu" and row["node_id"] and row["worker_id"]
         assert row["latency_s"] > 0 and row["peak_memory_bytes"] > 0
-        image = decode_png(row["png"])
+        image = decode_png(row["png"]["bytes"])
         assert image.shape == (row["height"], row["width"]) == (16, 16)
 
 
