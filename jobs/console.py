@@ -90,6 +90,16 @@ def ray_init_options() -> dict:
     return {"log_to_driver": loud, "logging_level": logging.INFO if loud else logging.ERROR}
 
 
+def start_line(signature, policy: str, plan_id: str | None) -> str:
+    """What a generate run will make, said before it starts:
+    'tiny-flux: 32x32, 28 steps, guidance distilled 3.5, no cache'."""
+    cache = f"plan {plan_id} ({policy})" if plan_id else ("no cache" if policy == "none" else f"cache {policy}")
+    return (
+        f"{signature.model_id}: {signature.width}x{signature.height}, {signature.num_inference_steps} steps, "
+        f"guidance {signature.guidance_mode} {signature.guidance_scale:g}, {cache}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # Progress
 

@@ -155,6 +155,7 @@ def run_generate(
 
     Everything that can be checked on the driver is checked before Ray starts (JobInputError and its kin);
     `batch_class` is the actor class (a subclass of GenerateBatch; tests inject faults through it)."""
+    from jobs import console
     from jobs.plan_store import signature_for
 
     if max_attempts < 1:
@@ -165,6 +166,7 @@ def run_generate(
     if getattr(policy, "plan", None) is not None:
         policy.plan.check_compatible(signature)
     request = request_of(signature, policy=policy.name, plan_id=policy.plan_id)
+    log.info("%s", console.start_line(signature, policy.name, policy.plan_id))
 
     location = Location(out)
     lease = Lease.acquire(location, command=command, break_lease=break_lease)

@@ -28,7 +28,7 @@ class GeneratorConfig:
     guidance_scale: float | None = None  # None: the model's default
     dtype: str = "float32"
     device: str | None = None  # None: cuda when available, else cpu
-    height: int | None = None  # FLUX only; DiT resolution is fixed by the checkpoint
+    height: int | None = None  # FLUX only (default: the VAE's sample size); DiT resolution is fixed by the checkpoint
     width: int | None = None
     true_cfg_scale: float = 1.0  # FLUX only; > 1 runs separate cond/uncond calls
     storage_options: dict = field(default_factory=dict, hash=False, compare=False)
@@ -137,10 +137,11 @@ def _flux_generator(pipe, config: GeneratorConfig, *, model_id: str):
     )
     if config.guidance_scale is not None:
         kwargs["guidance_scale"] = config.guidance_scale
-    if config.height:
-        kwargs["height"] = config.height
-    if config.width:
-        kwargs["width"] = config.width
+    # Unless asked otherwise, the resolution the model was built for: its VAE's sample size (1024 for FLUX.1,
+    # 32 for tiny-flux, which would otherwise run at 1024x1024 for minutes per image).
+    native = int(pipe.vae.config.sample_size)
+    kwargs["height"] = config.height or native
+    kwargs["width"] = config.width or native
     return FluxGenerator(pipe, **kwargs)
 
 
