@@ -76,6 +76,9 @@ class BenchConfig:
     step_intervals: tuple[int, ...] = (2, 3)
     fora_intervals: tuple[int, ...] = (2, 3)
     fewer_steps: tuple[int, ...] = (25, 17)
+    l2c_lams: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # routers from `invardiff train-router`, if stored for the model
+    l2c_theta: float = 0.1
+    dicache_thresholds: tuple[float, ...] = (0.05, 0.1, 0.2)
     random_dit_xl: bool = False
     lpips_weights: str | None = None
     fid_weights: str | None = None
@@ -101,13 +104,15 @@ QUICK = replace(
     step_intervals=(2,),
     fora_intervals=(2,),
     fewer_steps=(25,),
+    l2c_lams=(1e-4,),
+    dicache_thresholds=(0.1,),
 )
 
 
 @dataclass
 class Method:
     name: str
-    kind: str  # uncached | invardiff | invardiff-sweep | diffusers | cache-dit | baseline
+    kind: str  # uncached | invardiff | invardiff-sweep | diffusers | cache-dit | baseline | l2c | dicache
     policy: Any = None  # a CachePolicy; None for a row that was not run
     steps: int | None = None  # sampler steps, when they differ from the reference's
     skipped: str | None = None
@@ -317,6 +322,9 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     for n in config.fewer_steps:
         if n < steps:
             rows.append(Method(f"DDIM {n} steps", "baseline", NoCache(), steps=n))
+    from benchmarks.l2c_dicache import bench_methods
+
+    rows += bench_methods(generator, config, say)
     return rows
 
 
@@ -635,7 +643,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     ok = [r for r in rows if r["status"] == "ok" and r["psnr"] is not None]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), sharey=True)
     styles = {"invardiff": ("C0", "o"), "invardiff-sweep": ("C0", "s"), "diffusers": ("C1", "^"),
-              "cache-dit": ("C2", "v"), "baseline": ("C7", "D")}  # fmt: skip
+              "cache-dit": ("C2", "v"), "baseline": ("C7", "D"), "l2c": ("C4", "P"), "dicache": ("C5", "X")}  # fmt: skip
     labels = ("wall-clock speedup (median)", "CPU-time speedup (median)", "ideal speedup (counted evaluations)")
     for ax, axis, label in zip(axes, SPEED_AXES, labels):
         for r in ok:
@@ -646,7 +654,7 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
             ax.annotate(text, (r[axis], y), fontsize=6, xytext=(3, 2), textcoords="offset points")
         for kinds, color, name in (
             (("invardiff", "invardiff-sweep"), "C0", "InvarDiff frontier"),
-            (("diffusers", "cache-dit", "baseline"), "C3", "peers frontier"),
+            (("diffusers", "cache-dit", "baseline", "l2c", "dicache"), "C3", "peers frontier"),
         ):
             group = [r for r in ok if r["kind"] in kinds]
             front = pareto_front([(r[axis], r["psnr"]) for r in group])

@@ -57,6 +57,37 @@ class RowCounter:
         return self.rows
 
 
+ROUTERS = Path(__file__).resolve().parent / "results" / "l2c"
+
+
+def bench_methods(generator, config, say=print) -> list[Method]:
+    """The L2C and DiCache rows of `benchmarks/bench.py`.
+
+    L2C: one row per lambda in `config.l2c_lams` whose router, trained for exactly this pipeline, is stored in
+    ROUTERS (training takes minutes per lambda, so the harness does not train; the digits model's are committed).
+    DiCache: one row per threshold, batch-global as the reference code (one decision per batch), because the
+    harness counts evaluations per call and a per-row sub-batch is a fraction of a call; this script measures
+    the per-row mode with a row counter."""
+    from invardiff.policies.dicache import DiCachePolicy
+    from invardiff.policies.l2c import L2CPolicy, L2CRouter
+
+    rows = []
+    for lam in config.l2c_lams:
+        path = ROUTERS / f"router-lam{lam:g}.json"
+        router = L2CRouter.load(path) if path.exists() else None
+        if router is None or router.signature.mismatches(generator.signature()):
+            say(f"L2C lambda={lam:g}: no router trained for this pipeline in {ROUTERS}; row left out")
+            continue
+        plan = router.to_plan(generator.transformer, config.l2c_theta)
+        rows.append(Method(f"L2C lambda={lam:g} theta={config.l2c_theta:g}", "l2c", L2CPolicy(plan)))
+    steps = generator.num_inference_steps
+    rows += [
+        Method(f"DiCache delta={d:g} (batch-global)", "dicache", DiCachePolicy(d, steps, batch_mode="global"))
+        for d in config.dicache_thresholds
+    ]
+    return rows
+
+
 def train_routers(lams: list[float], routers: Path, theta: float, say) -> dict[float, dict]:
     from jobs.train_router import train_router
     from pipelines.build import GeneratorConfig
@@ -105,7 +136,7 @@ def dicache_profile(generator, policy, requests) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--routers", type=Path, default=Path("benchmarks/results/l2c"))
+    parser.add_argument("--routers", type=Path, default=ROUTERS)
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--lams", default="1e-5,1e-4,1e-3")
     parser.add_argument("--theta", type=float, default=0.1)
