@@ -424,6 +424,17 @@ def _fail(error: SubmissionError) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def project_root() -> Path:
+    """The invardiff checkout this code runs from, whatever the current directory: what a job needs to run."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise SubmissionError(
+            f"invardiff is installed in {root}, not run from a checkout, so there is no project to ship: "
+            "pass --working-dir DIR, or --no-working-dir when the cluster image has the project"
+        )
+    return root
+
+
 def _submit_command(
     subcommand: str,
     extra_args: list[str],
@@ -441,7 +452,7 @@ def _submit_command(
         env = load_runtime_env_file(runtime_env) if runtime_env else None
         request = prepare_job(
             [subcommand, *extra_args],
-            working_dir=None if no_working_dir else (working_dir or Path(".")),
+            working_dir=None if no_working_dir else (working_dir or project_root()),
             runtime_env=env,
             entrypoint_num_gpus=num_gpus,
             submission_id=submission_id,
@@ -469,7 +480,9 @@ def _submit_command_for(subcommand: str):
     def command(
         ctx: typer.Context,
         address: str | None = typer.Option(None, "--address", help=_ADDRESS_HELP),
-        working_dir: Path | None = typer.Option(None, "--working-dir", help="Project directory to ship (default: .)"),
+        working_dir: Path | None = typer.Option(
+            None, "--working-dir", help="Project directory to ship (default: the invardiff checkout this runs from)"
+        ),
         no_working_dir: bool = typer.Option(False, "--no-working-dir", help="Ship no code; the image has the project"),
         runtime_env: Path | None = typer.Option(None, "--runtime-env", help="YAML/JSON runtime env merged with ours"),
         num_gpus: float | None = typer.Option(None, "--entrypoint-num-gpus", help="GPUs reserved for the driver"),

@@ -500,3 +500,27 @@ def test_cli_reports_missing_token_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "Missing authentication token" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_submit_ships_the_project_root_whatever_the_current_directory(tmp_path, monkeypatch):
+    sent = []
+
+    def fake_submit(address, request, headers=None):
+        sent.append(request)
+        return "raysubmit_test"
+
+    monkeypatch.setattr(submit, "submit_request", fake_submit)
+    monkeypatch.chdir(tmp_path)  # somewhere that is not the project
+    app = typer.Typer()
+    app.command(context_settings=submit.PASSTHROUGH_CONTEXT_SETTINGS)(submit._submit_command_for("generate"))
+    result = CliRunner().invoke(app, ["--address", "http://127.0.0.1:1", "--", "--classes", "0-1"])
+    assert result.exit_code == 0, result.output
+    project = Path(submit.__file__).resolve().parents[1]
+    assert (project / "pyproject.toml").is_file()
+    assert sent[0].runtime_env["working_dir"] == str(project)
+
+
+def test_an_installed_copy_without_a_checkout_asks_for_a_working_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(submit, "__file__", str(tmp_path / "site-packages" / "jobs" / "submit.py"))
+    with pytest.raises(submit.SubmissionError, match="--working-dir DIR, or --no-working-dir"):
+        submit.project_root()
