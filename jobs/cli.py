@@ -47,6 +47,15 @@ class UserError(Exception):
     """A problem with what the user asked for: printed as one clear message, exit code 2."""
 
 
+# Exit codes are the same in every command: 2 bad input (found before any work), 1 a failed run, 3 a plan stored
+# but not promoted. Each command's --help lists the ones it can return.
+EXIT_BAD_INPUT = "2 bad input, found before any work (one line on stderr)"
+
+
+def exit_codes(*codes: str) -> str:
+    return "Exit codes: 0 success; " + "; ".join(codes) + "."
+
+
 MODEL_HELP = (
     "Model: 'digits' (embedded class-conditional DiT, the default), 'tiny-dit', 'tiny-flux', or a "
     "diffusers-layout DiT-XL/2 or FLUX.1 checkpoint as a local path or URI (s3://...)."
@@ -302,7 +311,8 @@ def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
     return taus
 
 
-@app.command()
+@app.command(epilog=exit_codes("1 calibration failed", EXIT_BAD_INPUT, "3 --refresh: the new plan is stored but not "
+                                "promoted (drift out of bounds); the previous plan stays latest"))
 def calibrate(
     out: Optional[str] = typer.Option(None, "--out", help="Where to write the plan JSON (local path or URI)."),
     workers: Optional[int] = typer.Option(
@@ -455,7 +465,7 @@ def calibrate(
     typer.echo(f"wrote plan {plan.plan_id} to {out}")
 
 
-@app.command("train-router")
+@app.command("train-router", epilog=exit_codes("1 training failed", EXIT_BAD_INPUT))
 def train_router_command(
     plan_out: str = typer.Option(..., "--plan-out", help="Where to write the thresholded L2C plan (path or URI)."),
     out: Optional[str] = typer.Option(None, "--out", help="Where to write the trained router (path or URI)."),
@@ -501,15 +511,16 @@ def train_router_command(
     typer.echo(f"wrote L2C plan {plan.plan_id} to {plan_out} (ideal speedup {plan.summary()['ideal_speedup']:.2f}x)")
 
 
-@plan_app.command("show")
+@plan_app.command("show", epilog=exit_codes(EXIT_BAD_INPUT))
 def plan_show(
     plan: str = typer.Argument(..., help="Plan JSON (local path or URI)."),
     heatmaps: Optional[Path] = typer.Option(
-        None, "--heatmaps", help="Directory for the PNG heatmaps (default: PLAN-heatmaps/ next to a local plan)."
+        None, "--heatmaps", help="Also write the rho and plan heatmaps (PNG) to this directory."
     ),
     modules: bool = typer.Option(False, "--modules", help="Also print the per-layer module books."),
 ):
-    """Print a plan's gated steps, reuse share per family and longest reuse run; write rho/plan heatmaps."""
+    """Print a plan's gated steps, reuse share per family and longest reuse run; with --heatmaps DIR, write
+    rho/plan heatmaps there. Nothing is written without it."""
     from invardiff.plan import Plan
     from invardiff.plan_report import format_plan, write_heatmaps
     from jobs.ray_runtime import storage_options_for
@@ -517,13 +528,12 @@ def plan_show(
     loaded = Plan.load(plan, storage_options=storage_options_for(plan) or None)
     typer.echo(format_plan(loaded, show_modules=modules))
     if heatmaps is None:
-        local = Path(plan)
-        heatmaps = local.with_name(local.stem + "-heatmaps") if "://" not in plan else Path(f"plan-{loaded.plan_id}-heatmaps")
+        return
     for path in write_heatmaps(loaded, heatmaps):
         typer.echo(f"wrote {path}")
 
 
-@plan_app.command("list")
+@plan_app.command("list", epilog=exit_codes(EXIT_BAD_INPUT))
 def plan_list(store: str = typer.Option(..., "--store", envvar="INVARDIFF_PLAN_STORE", help="Plan store.")):
     """List a plan store: one key per model + pipeline signature, its versions, which one is latest."""
     from jobs.plan_store import PlanStore, format_listing
@@ -533,7 +543,7 @@ def plan_list(store: str = typer.Option(..., "--store", envvar="INVARDIFF_PLAN_S
     typer.echo(format_listing(plan_store))
 
 
-@plan_app.command("presets")
+@plan_app.command("presets", epilog=exit_codes(EXIT_BAD_INPUT))
 def plan_presets(architecture: str = typer.Option("dit", "--architecture", help="dit or flux.")):
     """List the presets: forecast targets (the defaults), then the paper-mode tau bundles."""
     from invardiff.presets import FORECAST_PRESETS, PRESETS
@@ -566,7 +576,10 @@ submit_app = typer.Typer(
     no_args_is_help=True,
 )
 for _name in ("generate", "calibrate"):
-    submit_app.command(_name, context_settings=_submit.PASSTHROUGH_CONTEXT_SETTINGS)(_submit._submit_command_for(_name))
+    submit_app.command(
+        _name, context_settings=_submit.PASSTHROUGH_CONTEXT_SETTINGS,
+        epilog=exit_codes("1 not submitted, or with --wait the job did not succeed", EXIT_BAD_INPUT),
+    )(_submit._submit_command_for(_name))
 app.add_typer(submit_app, name="submit")
 
 jobs_app = typer.Typer(
@@ -576,10 +589,11 @@ jobs_app = typer.Typer(
     ),
     no_args_is_help=True,
 )
-jobs_app.command("status")(_submit.jobs_status_command)
-jobs_app.command("logs")(_submit.jobs_logs_command)
-jobs_app.command("stop")(_submit.jobs_stop_command)
-jobs_app.command("list")(_submit.jobs_list_command)
+_JOBS_EXIT_CODES = exit_codes("1 the cluster could not be reached or answered an error", EXIT_BAD_INPUT)
+jobs_app.command("status", epilog=_JOBS_EXIT_CODES)(_submit.jobs_status_command)
+jobs_app.command("logs", epilog=_JOBS_EXIT_CODES)(_submit.jobs_logs_command)
+jobs_app.command("stop", epilog=_JOBS_EXIT_CODES)(_submit.jobs_stop_command)
+jobs_app.command("list", epilog=_JOBS_EXIT_CODES)(_submit.jobs_list_command)
 app.add_typer(jobs_app, name="jobs")
 
 app.command(
@@ -587,12 +601,13 @@ app.command(
     epilog=(
         "Example: invardiff report out/cached --baseline out/uncached --out reports/cached "
         "--price H100=2.10. Writes report.md, report.html and PNG plots; nothing is written when an "
-        "input is bad."
+        "input is bad (including a baseline whose rows were made from other seeds or classes/prompts). "
+        + exit_codes(EXIT_BAD_INPUT)
     ),
 )(_report.report_command)
 
 
-@app.command()
+@app.command(epilog=exit_codes("1 the benchmark failed", EXIT_BAD_INPUT))
 def bench(
     out: Path = typer.Option(..., "--out", help="Directory for table.md, pareto.png and results.json."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run, one point per method (<= 5 min on 2 CPUs)."),
