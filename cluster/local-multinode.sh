@@ -12,17 +12,16 @@
 #
 #   invardiff submit generate --address http://127.0.0.1:8265 -- --classes 0-9 --per-class 8 --out ...
 #
-# Auth: by default this local cluster starts with RAY_AUTH_MODE=disabled, so `ray job submit` /
-# `invardiff submit` from the same machine work without a token. Production clusters keep token auth
-# on (see cluster/kuberay and cluster/autoscaler). `--auth token` starts this one with token auth too
-# (token from ~/.ray/auth_token, created if missing); submit with RAY_AUTH_MODE=token or
-# RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token).
+# Auth: token auth is on by default, as on a production cluster (cluster/README.md, "Security"): the
+# token is ~/.ray/auth_token, created if missing; submit with RAY_AUTH_TOKEN_PATH=~/.ray/auth_token
+# (or RAY_AUTH_TOKEN=$(cat ~/.ray/auth_token)). `--auth disabled` starts it without, for a machine
+# whose network you trust and nobody else logs into.
 #
 # Addresses: every node is started with --node-ip-address=127.0.0.1 and the dashboard (Jobs API)
 # listens on 127.0.0.1 only. Ray 2.60's `ray start` nevertheless registers nodes under the machine's
-# routable IP (it rewrites loopback addresses so that other machines could join) and the GCS port
-# listens on all interfaces. With auth disabled, run this only on a machine whose network you trust,
-# or use --auth token.
+# routable IP (it rewrites loopback addresses so that other machines could join) and the GCS, raylet
+# and worker ports listen on all interfaces: the token is what keeps others out. (Ray's single-machine
+# mode, which the embedded Ray of `invardiff generate` uses to bind loopback only, refuses worker nodes.)
 #
 # --gpus-per-worker G advertises G *logical* GPUs per worker. Ray only counts them, so code that asks
 # for num_gpus=1 schedules on a laptop; it still runs on the CPU.
@@ -42,7 +41,7 @@ dashboard_port=8265
 state_dir=/tmp/invardiff-ray
 # Seconds to wait for all nodes to register before giving up.
 start_timeout=120
-auth_mode=disabled
+auth_mode=token
 
 usage() {
   sed -n "8,11p" "$0" | sed 's/^# \{0,1\}//'
@@ -175,7 +174,11 @@ start_cluster() {
   echo "Ray cluster up: head + $workers worker node(s) on this machine (auth: $auth_mode)"
   echo "  GCS address:  127.0.0.1:$gcs_port"
   echo "  Dashboard:    http://127.0.0.1:$dashboard_port"
-  echo "  Submit with:  invardiff submit generate --address http://127.0.0.1:$dashboard_port -- ..."
+  if [[ "$auth_mode" == token ]]; then
+    echo "  Submit with:  RAY_AUTH_TOKEN_PATH=~/.ray/auth_token invardiff submit generate --address http://127.0.0.1:$dashboard_port -- ..."
+  else
+    echo "  Submit with:  invardiff submit generate --address http://127.0.0.1:$dashboard_port -- ..."
+  fi
   echo "  Stop with:    $0 stop --state-dir $state_dir"
 }
 

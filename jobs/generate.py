@@ -196,7 +196,7 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
         for name in inventory.data + inventory.partial + inventory.temporaries:
             location.remove(name)
         log.warning("--overwrite: removed %d file(s) of earlier runs from %s", len(inventory.data), location.uri)
-        record, inventory = None, outputs.Inventory([], [], [], [])
+        record = None
     if record is not None:
         differences = record.differences(request)
         if differences:
@@ -204,10 +204,7 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
                 f"--out {location.uri} holds rows generated with other settings ({'; '.join(differences)}); "
                 "use another --out, or --overwrite to replace the rows there"
             )
-    inventory.remove_leftovers(location)
-    rows = outputs.Rows.read(location, inventory.data)
-    if rows.compact(location):  # duplicates left by a run that stopped between writing and compacting
-        rows = outputs.Rows.read(location, outputs.Inventory.take(location, record).data)
+    rows = _settle(location, record)  # heals duplicates left by a run stopped between writing and compacting
     _refuse_conflicting_rows(manifest, rows, schema, location, overwrite)
     todo, already_there, retried, exhausted = _rows_to_do(manifest, rows, max_attempts)
 
@@ -235,11 +232,7 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
     seconds = time.perf_counter() - started
 
     try:
-        inventory = outputs.Inventory.take(location, record)
-        inventory.remove_leftovers(location)  # a write cut off by the interrupt or failure
-        rows = outputs.Rows.read(location, inventory.data)
-        rows.compact(location)
-        reconciliation = outputs.reconcile(outputs.Rows.read(location, inventory.data), manifest.column("id"))
+        reconciliation = outputs.reconcile(_settle(location, record), manifest.column("id"))
     except Exception as e:  # noqa: BLE001 - the storage itself failed: say so, and what is unknown
         failure = failure or one_line(e)
         reconciliation = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
@@ -256,10 +249,20 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
         record.save(location)  # written last: "complete" only once the rows are reconciled
     except Exception as e:  # noqa: BLE001 - the rows are what counts; the record says "running" until a rerun
         log.error("could not update %s (%s)", location.url("_run.json"), one_line(e))
-    if interrupted is not None:
+    if interrupted is not None and not lease.lost.is_set():
         interrupted.summary = summary  # the CLI prints what was committed before it exits 130
         raise interrupted
     return summary
+
+
+def _settle(location: Location, record: RunRecord | None) -> outputs.Rows:
+    """The job's rows, one per id: its half-written files removed, superseded rows compacted away."""
+    inventory = outputs.Inventory.take(location, record)
+    inventory.remove_leftovers(location)
+    rows = outputs.Rows.read(location, inventory.data)
+    if rows.compact(location):
+        rows = outputs.Rows.read(location, outputs.Inventory.take(location, record).data)
+    return rows
 
 
 def _refuse_conflicting_rows(manifest: pa.Table, rows: outputs.Rows, schema: ManifestSchema, location, overwrite):

@@ -109,6 +109,13 @@ class Lease:
         document = json.loads(self._written)
         document["heartbeat_at"] = time.time()
         renewed = _encode(document)
+        if self.location.read(LEASE_NAME) is None:
+            # Gone, not taken (an object store that lost its data, a user's rm): take it again, exclusively.
+            log.warning("the lease on %s vanished; taking it again", self.location.uri)
+            if not self.location.create_exclusive(LEASE_NAME, renewed):
+                return False
+            self._written = renewed
+            return True
         if self.location.local:
             # A rename-aside swap would leave the name free for an instant, and a starting job could take a
             # live lease in that instant. A fresh lease is never taken over, so check, then overwrite in place.

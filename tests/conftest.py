@@ -21,7 +21,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # Workers get moto's test credentials, so jobs writing to the session's S3 endpoint work from them.
+        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": credentials})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray

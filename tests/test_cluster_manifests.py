@@ -372,5 +372,5 @@ def test_local_script_starts_workers_with_own_resources_on_loopback():
     assert "--num-cpus=0 --num-gpus=0" in text  # the head, like production
     assert '--resources="{\\"local_worker_$i\\": 1}"' in text
     assert '--num-cpus="$cpus_per_worker"' in text and '--temp-dir="$state_dir/$name"' in text
-    assert 'RAY_AUTH_MODE="$auth_mode"' in text and "auth_mode=disabled" in text
+    assert 'RAY_AUTH_MODE="$auth_mode"' in text and "auth_mode=token" in text  # token auth unless told otherwise
     assert "ray stop" not in re.sub(r"#.*", "", text), "must never stop other Ray instances on the machine"

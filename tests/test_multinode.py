@@ -82,6 +82,8 @@ def cluster():
         if started.returncode != 0:
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in state_dir.glob("*.log"))
             pytest.fail(f"cluster did not start:\n{started.stdout}\n{started.stderr}\n{logs}")
+        # The script starts with token auth (its default); clients present the token it created.
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path.home() / ".ray" / "auth_token")
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
         processes = processes or node_processes(state_dir)

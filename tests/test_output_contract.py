@@ -299,10 +299,32 @@ def test_cli_refuses_bad_input_in_one_line_before_any_work(tmp_path):
     }
     for case, args in cases.items():
         proc = invardiff("generate", "--model", "tiny-dit", "--steps", "2", *args)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2, f"{case}: {proc.stdout}{proc.stderr}"
-        assert lines[0].startswith("error: ") and "Traceback" not in proc.stderr, f"{case}: {proc.stderr}"
+        assert "Traceback" not in proc.stderr, f"{case}: {proc.stderr}"
+        error = proc.stderr[proc.stderr.index("error: "):].splitlines()
         # One line; a manifest's message adds one line per bad row it names.
-        assert len(lines) == (2 if case == "seed past int64" else 1), f"{case}: {proc.stderr}"
+        assert len(error) == (2 if case == "seed past int64" else 1), f"{case}: {proc.stderr}"
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert a_file.read_text() == "x"
+
+
+LISTENERS = """
+import json, os, time
+import psutil, ray
+from jobs.ray_runtime import ensure_ray
+ensure_ray()
+ray.get(ray.remote(lambda: 1).remote())  # a worker process is up and listening too
+time.sleep(2)
+tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+print(json.dumps(sorted({c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in tree})))
+ray.shutdown()
+"""
+
+
+def test_embedded_ray_listens_on_loopback_only():
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-c", LISTENERS], cwd=REPO, env=environ, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    addresses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert addresses and set(addresses) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
