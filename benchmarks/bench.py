@@ -608,7 +608,7 @@ def markdown(result: dict) -> str:
             _num(r["ms_ssim"], ".4f", "1"),
         ]
         if digits:
-            cells += [f"{r['accuracy']:.3f}", f"{r['fd']:.2f}"]
+            cells += [f"{r['accuracy']:.3f}", f"{r['fd']:.2f}" if config["images"] >= FD_MIN_IMAGES else "–"]
         cells.append(f"{r['peak_memory_mib']:.1f}")
         if "beaten_wall_speedup" in r:
             cells.append(" / ".join("yes" if r[f"beaten_{axis}"] else "**no**" for axis in SPEED_AXES))
@@ -623,7 +623,8 @@ def markdown(result: dict) -> str:
         "CPU-time speedup: the same ratio of this process's CPU time (steadier than wall time on a shared box). "
         "Ideal speedup: attention + feed-forward evaluations counted at run time, uncached / method. "
         "PSNR/SSIM/MS-SSIM: against the uncached image with the same seed and class. "
-        + ("Accuracy: digit classifier; FD: Fréchet distance to the 1797 real digits in its feature space. " if digits else "")
+        + ("Accuracy: digit classifier; FD: Fréchet distance to the 1797 real digits in its feature space "
+           f"(shown from {FD_MIN_IMAGES} images: with fewer it mostly measures the sample size). " if digits else "")
         + ("Peak MiB: CUDA allocator peak above the start. " if env["device"] == "cuda"
            else f"Peak MiB: peak live tensor memory above the start, warm-up batch of {config['warmup_batch']}. ")
         + "Dominated: some InvarDiff row is at least as fast with higher PSNR.",
@@ -634,40 +635,118 @@ def markdown(result: dict) -> str:
 PSNR_CAP = 50.0  # near-lossless rows (a threshold that never fires) would squash everything else; drawn at the cap
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
+# A real speedup cannot beat the counted one by more than timer noise: attention and feed-forward are most of a
+# step, and skipping them never makes the rest faster. A median whose rounds range over more than half its value
+# says the machine was busy, not how fast the method is.
+IDEAL_TOLERANCE = 1.05
+# The Fréchet distance fits a 128-dimensional Gaussian (the digit classifier's hidden layer) to each image set:
+# below twice that many images the covariance is rank-deficient and the number mostly measures the sample size.
+FD_MIN_IMAGES = 256
+MAX_RELATIVE_SPREAD = 0.5
+KIND_NAMES = {"invardiff": "InvarDiff preset", "invardiff-sweep": "InvarDiff tau sweep", "diffusers": "diffusers cache",
+              "cache-dit": "cache-dit", "baseline": "simple baseline", "l2c": "L2C", "dicache": "DiCache"}  # fmt: skip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def noise_reasons(row: dict, axis: str) -> list[str]:
+    """Why a row's measured speedup on `axis` is noise rather than a result (empty when it is a result)."""
+    if axis == "ideal_speedup":
+        return []
+    reasons = []
+    if row[axis] > row["ideal_speedup"] * IDEAL_TOLERANCE:
+        reasons.append("above the ideal")
+    if axis == "wall_speedup" and row["wall_speedup"] > 0:
+        spread = (row["wall_speedup_max"] - row["wall_speedup_min"]) / row["wall_speedup"]
+        if spread > MAX_RELATIVE_SPREAD:
+            reasons.append(f"rounds spread {spread:.0%}")
+    return reasons
+
+
+def _place_labels(ax, points: list[tuple[float, float]], texts: list[str], colors: list[str]) -> list:
+    """Label each point without labels overlapping each other or leaving the axes: a label that would collide
+    is tried to the right of its point, then to the left, moved up or down in steps of its own height until it
+    fits, with a thin leader line back to its point. Returns the labels' boxes (display coordinates)."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = []
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))  # top to bottom
+    for i in order:
+        label = ax.annotate(texts[i], points[i], xytext=(4, 0), textcoords="offset points", fontsize=7,
+                            color=colors[i], va="center",
+                            arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6", shrinkA=0, shrinkB=2))  # fmt: skip
+        label.update_positions(renderer)
+        height = Text.get_window_extent(label, renderer).height * 1.1 / ax.figure.dpi * 72  # points
+        candidates = [(side, height * ((n + 1) // 2) * (-1 if n % 2 else 1)) for n in range(40) for side in (1, -1)]
+        for side, shift in candidates:
+            label.set_position((4 * side, shift))
+            label.set_horizontalalignment("left" if side > 0 else "right")
+            label.update_positions(renderer)  # an annotation resolves its offset only when asked (or drawn)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+    return placed
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    """Speed vs fidelity on three speedup axes. Hollow markers: measurements flagged as noise (above the ideal
+    speedup, or rounds too spread); they are labelled so and left out of the frontiers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     ok = [r for r in rows if r["status"] == "ok" and r["psnr"] is not None]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5), sharey=True)
+    fig = Figure(figsize=(20, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3, sharey=True)
     styles = {"invardiff": ("C0", "o"), "invardiff-sweep": ("C0", "s"), "diffusers": ("C1", "^"),
               "cache-dit": ("C2", "v"), "baseline": ("C7", "D"), "l2c": ("C4", "P"), "dicache": ("C5", "X")}  # fmt: skip
     labels = ("wall-clock speedup (median)", "CPU-time speedup (median)", "ideal speedup (counted evaluations)")
+    annotations = []  # per axis: (points, texts, colors), placed once the layout is final
     for ax, axis, label in zip(axes, SPEED_AXES, labels):
+        points, texts, colors = [], [], []
         for r in ok:
             color, marker = styles.get(r["kind"], ("k", "x"))
+            capped = r["psnr"] > PSNR_CAP
             y = min(r["psnr"], PSNR_CAP)
-            text = r["method"] + (f" ({r['psnr']:.0f} dB)" if r["psnr"] > PSNR_CAP else "")
-            ax.scatter(r[axis], y, c=color, marker=marker if y == r["psnr"] else "^", s=40)
-            ax.annotate(text, (r[axis], y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            noise = noise_reasons(r, axis)
+            ax.scatter(r[axis], y, marker="^" if capped else marker, s=42, edgecolors=color,
+                       facecolors="none" if noise else color, linewidths=1.2)  # fmt: skip
+            text = r["method"] + (f" ({r['psnr']:.0f} dB)" if capped else "")
+            points.append((r[axis], y))
+            texts.append(text + (f" — noise: {', '.join(noise)}" if noise else ""))
+            colors.append("0.45" if noise else "0.1")
         for kinds, color, name in (
             (("invardiff", "invardiff-sweep"), "C0", "InvarDiff frontier"),
             (("diffusers", "cache-dit", "baseline", "l2c", "dicache"), "C3", "peers frontier"),
         ):
-            group = [r for r in ok if r["kind"] in kinds]
+            group = [r for r in ok if r["kind"] in kinds and not noise_reasons(r, axis)]
             front = pareto_front([(r[axis], r["psnr"]) for r in group])
-            ys = [min(group[i]["psnr"], PSNR_CAP) for i in front]
-            ax.plot([group[i][axis] for i in front], ys, color=color, label=name)
+            ax.plot([group[i][axis] for i in front], [min(group[i]["psnr"], PSNR_CAP) for i in front],
+                    color=color, lw=1.2, zorder=0)  # fmt: skip
+        ax.margins(x=0.25, y=0.08)  # room for the labels
+        annotations.append((points, texts, colors))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("PSNR to the uncached image (dB)")
+    axes[0].set_ylabel(f"PSNR to the uncached image (dB; above {PSNR_CAP:g} drawn at {PSNR_CAP:g} as ▲)")
+    kinds = [k for k in styles if any(r["kind"] == k for r in ok)]
+    handles = [Line2D([], [], ls="", marker=styles[k][1], color=styles[k][0], label=KIND_NAMES.get(k, k)) for k in kinds]
+    handles += [
+        Line2D([], [], ls="", marker="o", markerfacecolor="none", color="0.3", label="noise: not a result"),
+        Line2D([], [], color="C0", label="InvarDiff frontier"),
+        Line2D([], [], color="C3", label="peers frontier"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # Labels are placed against the axes' final position on the page, which the layout fixes on a first draw;
+    # the layout is then frozen so that saving does not move the axes under the labels.
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    for ax, (points, texts, colors) in zip(axes, annotations):
+        _place_labels(ax, points, texts, colors)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
