@@ -1,5 +1,9 @@
 """InvarDiff presets on the embedded digits model: speed, fidelity and accuracy against uncached, in one process.
 
+Forecast presets (quality/balanced/fast/turbo) are calibrated with `pipelines.forecast_calibration` on
+--forecast-runs calibration runs (candidate errors recorded once and shared); paper-mode presets (paper-*, copy-*)
+with the two-phase calibration.
+
     python -m benchmarks.presets --out bench/presets            # full: 80 images (8 per class), 3 timed rounds
     python -m benchmarks.presets --quick --out bench/presets    # smoke: 20 images, 8 calibration runs, 2 rounds
     python -m benchmarks.presets --sweep --out bench/sweep      # tau sweep (quality axis only, no timing)
@@ -29,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-DIT_PRESETS = ("fast", "balanced", "quality", "paper-dit-fast", "paper-dit-slow")
+DIT_PRESETS = ("quality", "balanced", "fast", "turbo", "copy-fast", "paper-dit-fast")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,7 +94,14 @@ def benchmark(args) -> dict[str, Any]:
     from invardiff.plan import Plan
     from invardiff.policy import InvarDiffPolicy
     from pipelines.build import GeneratorConfig, build_generator
+    from invardiff.presets import FORECAST_PRESETS, is_forecast_preset
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, mean_of, record_rates
+    from pipelines.forecast_calibration import (
+        RECORD_MAX_GAP_FOR_BOUND,
+        ForecastTarget,
+        calibrate_forecast,
+        candidate_errors,
+    )
 
     generator = build_generator(GeneratorConfig(model="digits", device="cpu"))
     requests = eval_requests(args.per_class)
@@ -99,9 +110,22 @@ def benchmark(args) -> dict[str, Any]:
     plan_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    plans, phase1 = {}, None
+    plans, phase1, errors = {}, None, None
     for name in args.presets:
         path = plan_dir / f"{name}.json"
+        if is_forecast_preset(name):
+            goal = ForecastTarget(speedup=FORECAST_PRESETS[name], name=name)
+            if args.reuse_plans and path.exists():
+                plan = Plan.load(path)
+                if plan.mode == "forecast" and plan.calibration["goal"]["target_speedup"] == goal.speedup:
+                    plans[name] = plan
+                    continue
+            f_requests = calibration_requests(generator, runs=args.forecast_runs)
+            if errors is None:
+                errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND)
+            plans[name] = calibrate_forecast(generator, goal, f_requests, errors=errors)
+            plans[name].save(path)
+            continue
         bundle = TauBundle.from_preset("dit", name)
         if args.reuse_plans and path.exists():
             plan = Plan.load(path)
@@ -173,8 +197,11 @@ def summarize(args, generator, plans, reference, outputs, uncached_times, cached
         preset = get_preset("dit", name)
         rows.append({
             "preset": name,
-            "nonskip_rate": preset["nonskip_rate"],
-            "taus": preset["taus"],
+            "mode": plan.mode,
+            "forecast": plan.forecast,
+            "held_out_calibration_rel_err": (plan.calibration.get("held_out") or {}).get("rel_err"),
+            "nonskip_rate": preset.get("nonskip_rate"),
+            "taus": preset.get("taus"),
             "plan_id": plan.plan_id,
             "gated_steps": int(plan.step_gate.sum()),
             "longest_gated_run": longest_run(plan.step_gate),
@@ -224,14 +251,18 @@ def benchmark_markdown(result: dict[str, Any]) -> str:
         f"{statistics.median(result['uncached_times_s']):.1f} s; classifier accuracy uncached "
         f"{100 * result['accuracy_uncached']:.1f} %.",
         "",
-        "| preset | nonskip / τ_step / τ_attn / τ_ff | gated steps (longest run) | wall speedup | ideal | efficiency "
+        "| preset | plan | gated steps (longest run) | wall speedup | ideal | efficiency "
         "| CPU-time speedup (efficiency) | PSNR dB | SSIM | accuracy | rel err |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["presets"]:
         t = r["taus"]
+        if r.get("mode") == "forecast":
+            what = f"forecast {r['forecast']['target']}"
+        else:
+            what = f"paper, τ {r['nonskip_rate']:g} / {t['step']:g} / {t['attn']:g} / {t['ff']:g}"
         lines.append(
-            f"| {r['preset']} | {r['nonskip_rate']:g} / {t['step']:g} / {t['attn']:g} / {t['ff']:g} "
+            f"| {r['preset']} | {what} "
             f"| {r['gated_steps']} ({r['longest_gated_run']}) | {r['speedup']:.2f}× | {r['ideal_speedup']:.2f}× "
             f"| {r['efficiency']:.2f} | {r.get('cpu_speedup', math.nan):.2f}× ({r.get('cpu_efficiency', math.nan):.2f}) "
             f"| {r['psnr_db']:.1f} | {r['ssim']:.3f} | {100 * r['accuracy']:.1f} % "
@@ -420,7 +451,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="20 images, 8 calibration runs, 2 rounds")
     parser.add_argument("--sweep", action="store_true", help="tau sweep instead of the preset benchmark")
     parser.add_argument("--per-class", type=int, default=None)
-    parser.add_argument("--runs", type=int, default=None, help="calibration runs (default 16)")
+    parser.add_argument("--runs", type=int, default=None, help="paper-mode calibration runs (default 16)")
+    parser.add_argument("--forecast-runs", type=int, default=8, help="forecast calibration runs (default 8)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (default 3)")
     parser.add_argument("--presets", nargs="+", default=list(DIT_PRESETS))
     parser.add_argument("--reuse-plans", action="store_true", help="reuse OUT/plans/*.json calibrated for the same taus (sweep: the recorded distances)")

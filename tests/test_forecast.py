@@ -345,8 +345,9 @@ def test_calibrate_to_a_target_speedup_meets_the_budget(tiny_generator):
     assert plan.summary()["longest_gated_run"] <= plan.calibration["max_gap"]
     record = plan.calibration
     assert record["method"] == "forecast-dp" and record["goal"]["target_speedup"] == 3.0
-    assert set(record["candidates"]) == {"residual", "modules"}
-    chosen = record["candidates"][record["target"]]["calibration_rel_err"]
+    assert set(record["candidates"]) == {"residual/dp", "residual/uniform", "modules/dp", "modules/uniform"}
+    assert record["chosen"] == f"{record['target']}/{record['placement']}" == f"{plan.forecast['target']}/{record['placement']}"
+    chosen = record["candidates"][record["chosen"]]["calibration_rel_err"]
     assert chosen == min(c["calibration_rel_err"] for c in record["candidates"].values())
     assert record["held_out"]["runs"] == 2 and math.isfinite(record["held_out"]["rel_err"])
 
