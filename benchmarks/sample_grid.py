@@ -1,4 +1,5 @@
-"""Write the README's sample grid: one row per class, uncached and (optionally) cached with a plan.
+"""Write the README's sample grid: one row per class, each row labelled with its class, uncached and (optionally)
+cached with a plan.
 
     python -m benchmarks.sample_grid --out docs/digits-grid.png [--plan plan.json]
 """
@@ -22,6 +23,24 @@ def grid(images: np.ndarray, rows: int, scale: int = 4, pad: int = 2) -> np.ndar
         y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
         canvas[y : y + h * scale, x : x + w * scale] = big[i]
     return canvas
+
+
+def label_rows(canvas: np.ndarray, labels: list[str], title: str, pad: int = 2, margin: int = 56) -> np.ndarray:
+    """The grid with a left margin naming each row (e.g. 'class 3') and a title line on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    rows = len(labels)
+    row_height = (canvas.shape[0] - pad) // rows
+    header = 22
+    picture = Image.new("L", (canvas.shape[1] + margin, canvas.shape[0] + header), 255)
+    picture.paste(Image.fromarray(canvas), (margin, header))
+    draw = ImageDraw.Draw(picture)
+    draw.text((margin, header // 2), title, fill=0, font=font, anchor="lm")
+    for row, text in enumerate(labels):
+        middle = header + pad + row * row_height + (row_height - pad) // 2
+        draw.text((margin - 6, middle), text, fill=0, font=font, anchor="rm")
+    return np.asarray(picture)
 
 
 def main(argv=None) -> None:
@@ -53,7 +72,9 @@ def main(argv=None) -> None:
     ]
     images = run_batch(generator, requests, policy).result.images
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(images, rows=10)).save(args.out)
+    title = f"uncached, {generator.num_inference_steps} DDIM steps" if not args.plan else f"cached with {args.plan}"
+    labelled = label_rows(grid(images, rows=10), [f"class {c}" for c in range(10)], title)
+    Image.fromarray(labelled).save(args.out)
     print(f"wrote {args.out}")
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from invardiff.calibration import STEP, bits, effective_modules, reuse_share
+from invardiff.calibration import STEP, bits, effective_modules, quantile_threshold, reuse_share
 from invardiff.plan import Plan
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 # Plan cells: 0 = compute, 1 = reused because the whole step is gated, 2 = reused layer-wise in a computed step.
 _PLAN_COLORS = ["#f4f4f4", "#9cb9e0", "#1f4e9c"]
+# Rates outside the colour scale (2nd-98th percentile) are drawn in colours viridis does not use, not as its ends.
+_BELOW_SCALE, _ABOVE_SCALE = "#000000", "#ff4fa3"
 
 
 def format_plan(plan: Plan, *, show_modules: bool = False) -> str:
@@ -80,8 +82,11 @@ def write_heatmaps(plan: Plan, out_dir: str | os.PathLike, *, dpi: int = 120) ->
     for phase in ("rho_phase1", "rho_phase2"):
         rho = getattr(plan, phase)
         if rho is not None:
-            title = f"{plan.plan_id}: {phase} (mean relative change rate; grey = placeholder or missing)"
-            written.append(_save(_rates_figure(rho, title), out_dir / f"{phase}.png", dpi))
+            title = (
+                f"{plan.plan_id}: {phase}, mean relative change rate\ngrey = placeholder or missing, "
+                "black / pink = beyond the colour scale,\ndot = below the tau threshold (reused)"
+            )
+            written.append(_save(_rates_figure(rho, title, plan.taus), out_dir / f"{phase}.png", dpi))
     gated = plan.step_gate[:, None]
     panels = {STEP: plan.step_gate.astype(float)}
     panels.update({family: np.where(book, np.where(gated, 1.0, 2.0), 0.0) for family, book in plan.modules.items()})
@@ -94,10 +99,19 @@ def write_heatmaps(plan: Plan, out_dir: str | os.PathLike, *, dpi: int = 120) ->
     return written
 
 
-def _rates_figure(rho: Mapping[str, np.ndarray], title: str) -> Figure:
-    panels = {}
+def _rates_figure(rho: Mapping[str, np.ndarray], title: str, taus: Mapping[str, float] | None = None) -> Figure:
+    """One panel per stream; a dot on every interior cell whose rate is below its family's tau threshold (the
+    tau-quantile of its interior rates, what calibration thresholds), and the threshold in the panel's label."""
+    panels, marks, labels = {}, {}, {}
     for name, values in rho.items():
         values = np.array(values, dtype=np.float64)
+        tau = (taus or {}).get(name)
+        if tau is not None:
+            threshold = quantile_threshold(values, tau)
+            below = np.zeros(values.shape, dtype=bool)
+            below[1:-1] = values[1:-1] < threshold
+            marks[name] = [(below, "o")]
+            labels[name] = f"{name}\ntau {tau:g}\nrho < {threshold:.3g}"
         values[[0, -1]] = np.nan  # rows 0 and T-1 are placeholders (1.0), not measurements
         panels[name] = values
     finite = np.concatenate([v[np.isfinite(v)].ravel() for v in panels.values()])
@@ -105,7 +119,8 @@ def _rates_figure(rho: Mapping[str, np.ndarray], title: str) -> Figure:
     low, high = np.percentile(finite, [2, 98]) if finite.size else (0.0, 2.0)
     if high - low < 1e-6:
         low, high = low - 0.05, high + 0.05
-    return _panels_figure(panels, title, cmap="viridis", vmin=float(low), vmax=float(high), colorbar="rho")
+    return _panels_figure(panels, title, cmap="viridis", vmin=float(low), vmax=float(high), colorbar="rho",
+                          marks=marks, labels=labels)  # fmt: skip
 
 
 def _panels_figure(
@@ -116,6 +131,8 @@ def _panels_figure(
     vmin: float,
     vmax: float,
     colorbar: str | None = None,
+    marks: Mapping[str, Sequence[tuple[np.ndarray, str]]] | None = None,  # per panel: (cells, marker) overlays
+    labels: Mapping[str, str] | None = None,  # per panel: its y label (default: the panel's name)
 ) -> Figure:
     # Imported here so `invardiff plan show` does not pay for matplotlib; Agg needs no display.
     import matplotlib
@@ -129,20 +146,34 @@ def _panels_figure(
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     colormap = matplotlib.colormaps[cmap] if isinstance(cmap, str) else ListedColormap(cmap)
-    colormap = colormap.with_extremes(bad="#c8c8c8")
+    colormap = colormap.with_extremes(bad="#c8c8c8", under=_BELOW_SCALE, over=_ABOVE_SCALE)
     image = None
     for ax, (name, values) in zip(axes, panels.items(), strict=True):
-        grid = np.ma.masked_invalid(values.T if values.ndim == 2 else values[None, :])  # layers up, steps across
+        grid = values.T if values.ndim == 2 else values[None, :]  # layers up, steps across
+        # Only missing is grey; +-inf (a rate that blew up or vanished) is beyond the scale like any outlier.
+        grid = np.where(np.isposinf(grid), vmax + 1.0, np.where(np.isneginf(grid), vmin - 1.0, grid))
+        grid = np.ma.masked_where(np.isnan(grid), grid)
         image = ax.imshow(
             grid, aspect="auto", interpolation="nearest", origin="lower", cmap=colormap, vmin=vmin, vmax=vmax
         )
-        ax.set_ylabel(name if values.ndim == 1 else f"{name}\nlayer", rotation=0, ha="right", va="center")
+        for cells, marker in (marks or {}).get(name, ()):
+            cells = np.asarray(cells, dtype=bool)
+            steps, layers = np.nonzero(cells if cells.ndim == 2 else cells[:, None])
+            if marker == "o":  # a dot: white with a thin outline, visible on any colour
+                ax.scatter(steps, layers, marker=marker, s=6, c="white", edgecolors="black", linewidths=0.3)
+            else:  # a line marker (+, x) carries its meaning by shape
+                ax.scatter(steps, layers, marker=marker, s=22, c="white", linewidths=1.2)
+        default = name if values.ndim == 1 else f"{name}\nlayer"
+        ax.set_ylabel((labels or {}).get(name, default), rotation=0, ha="right", va="center")
         if values.ndim == 1:
             ax.set_yticks([])
     axes[-1].set_xlabel("inference step (0 = noisiest)")
     figure.suptitle(title, fontsize="medium")
     if colorbar and image is not None:
-        figure.colorbar(image, ax=list(axes), label=colorbar, shrink=0.9)
+        values = np.concatenate([v[np.isfinite(v)].ravel() for v in panels.values()])
+        below, above = bool((values < vmin).any()), bool((values > vmax).any())
+        extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}
+        figure.colorbar(image, ax=list(axes), label=colorbar, shrink=0.9, extend=extend[below, above])
     return figure
 
 

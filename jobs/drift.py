@@ -170,13 +170,15 @@ def drift_markdown(drift: Drift, *, key: str, promoted: bool, reasons: list[str]
     lines += ["", "Rates are the final (phase-2, corrected) means over the calibration runs, interior steps only."]
     if png_name:
         lines += ["", f"![reuse difference]({png_name})", "",
-                  ("Cells: white = compute in both, grey = reuse in both, green = reuse only in the new plan, "
-                   "red = reuse only in the old plan.")]
+                  ("Cells: white = compute in both, grey = reuse in both, blue with + = reuse only in the new "
+                   "plan, orange with x = reuse only in the old plan.")]
     return "\n".join(lines) + "\n"
 
 
-# 0 = compute in both, 1 = reuse in both, 2 = new only, 3 = old only
-_DIFF_COLORS = ["#f4f4f4", "#a0a0a0", "#2e9e44", "#d1362f"]
+# 0 = compute in both, 1 = reuse in both, 2 = new only, 3 = old only. Blue and orange stay apart under the
+# common colour-vision deficiencies; the + / x marks say the same without colour.
+_DIFF_COLORS = ["#f4f4f4", "#a0a0a0", "#2b6cb0", "#dd8452"]
+_DIFF_MARKS = ((2.0, "+"), (3.0, "x"))
 
 
 def difference_cells(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -193,12 +195,13 @@ def drift_png(old, new, *, dpi: int = 110) -> bytes:
     old_eff, new_eff = effective_modules(old.modules), effective_modules(new.modules)
     panels = {STEP: difference_cells(old.step_gate, new.step_gate)}
     panels.update({f: difference_cells(old_eff[f], new_eff[f]) for f in new.modules})
+    marks = {name: [(cells == value, marker) for value, marker in _DIFF_MARKS] for name, cells in panels.items()}
     title = (
         f"reuse {old.plan_id} (old) -> {new.plan_id} (new)\n"
         f"old gate {bits(old.step_gate)}\nnew gate {bits(new.step_gate)}\n"
-        "grey = both reuse, green = new only, red = old only, white = both compute"
+        "grey = both reuse, blue + = new only, orange x = old only, white = both compute"
     )
-    figure = _panels_figure(panels, title, cmap=_DIFF_COLORS, vmin=0.0, vmax=3.0)
+    figure = _panels_figure(panels, title, cmap=_DIFF_COLORS, vmin=0.0, vmax=3.0, marks=marks)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
