@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -373,19 +374,32 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+)$", re.MULTILINE)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def one_line(e: BaseException) -> str:
-    """`Type: first line of the message` of the innermost cause: what Ray's wrapped tracebacks come down to."""
-    seen = set()
-    while id(e) not in seen:
+    """What a failure comes down to, in one line: `Type: message`.
+
+    Ray wraps a worker's error in layers (ActorDiedError around the traceback of a failed actor constructor,
+    RayTaskError around a task's, Ray Data's SystemException/UserCodeException markers with no message);
+    the innermost layer that says something is named, with the first `SomeError: message` line of its text
+    when that text carries a traceback."""
+    chain, seen = [], set()
+    while isinstance(e, BaseException) and id(e) not in seen:
         seen.add(id(e))
-        inner = getattr(e, "cause", None) or e.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    text = str(e).strip()
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(("Traceback", "  "))]
-    message = lines[-1] if lines and type(e).__name__ in ("RayTaskError", "UserCodeException") else (lines[0] if lines else "")
-    return f"{type(e).__name__}: {message}"[:500] if message else type(e).__name__
+        chain.append(e)
+        inner = getattr(e, "cause", None)
+        e = inner if isinstance(inner, BaseException) else (e.__cause__ or e.__context__)
+    saying = [x for x in chain if str(x).strip()] or chain
+    error = saying[-1]
+    text = _ANSI.sub("", str(error)).strip()
+    quoted = _EXCEPTION_LINE.search(text)
+    if quoted and quoted.group(1).rsplit(".", 1)[-1] != type(error).__name__:
+        message = f"{quoted.group(1).rsplit('.', 1)[-1]}: {quoted.group(2)}"
+    else:
+        message = quoted.group(2) if quoted else (text.splitlines()[0] if text else "")
+    return f"{type(error).__name__}: {message}"[:500] if message else type(error).__name__
 
 
 def cpu_actor_shape(workers: int) -> tuple[float, int]:

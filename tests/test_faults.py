@@ -128,6 +128,23 @@ def test_an_actor_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(ray_l
     assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
 
 
+class BrokenActor(GenerateBatch):
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)\nand a second line")
+
+
+def test_an_actor_that_cannot_start_fails_the_run_in_one_line(ray_local, tmp_path):
+    from jobs.location import Location
+    from jobs.run_record import RunRecord
+
+    out = str(tmp_path / "out")
+    summary = run_generate(class_manifest([1], 2, 0), out, TINY, schema=SCHEMA, batch_size=2, batch_class=BrokenActor)
+    assert not summary.complete and summary.reconciliation.missing == 2
+    assert summary.failure == "ActorDiedError: RuntimeError: CUDA out of memory (simulated)"
+    run = RunRecord.load(Location(out)).runs[-1]
+    assert run["status"] == "incomplete" and run["missing"] == 2 and run["message"] == summary.failure
+
+
 # ---- S3: the server restarted mid-write loses what it held; the job must say so, and the rerun heal it
 
 
@@ -196,6 +213,17 @@ def test_s3_server_restarted_mid_write_is_reported_and_healed_by_a_rerun(ray_loc
 # ---- Ctrl-C, and a second job while the first runs
 
 
+def generation_actor(pid: int):
+    """The Ray Data actor process under `pid` (Ray names it `ray::MapWorker(...)`), or None."""
+    import psutil
+
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "MapWorker" in process.name():
+                return process
+    return None
+
+
 def cli_env() -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -207,28 +235,32 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    args = ["generate", "--model", "tiny-dit", "--steps", "8", "--classes", "0-3", "--per-class", "8",
-            "--batch-size", "2", "--workers", "1", "--out", str(out)]
+    args = ["generate", "--model", "tiny-dit", "--steps", "8", "--classes", "0-3", "--per-class", "12",
+            "--batch-size", "2", "--workers", "1", "--out", str(out)]  # 48 rows, 3 blocks: 3 files
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([INVARDIFF, *args], cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     actor = None
     try:
+        # Hold the first job (its actor stopped; its driver and lease alive) however fast or slow the machine.
         deadline = time.monotonic() + 150
-        while not any(out.glob("*.parquet")) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Hold the first job mid-run (its actor stopped, its driver and lease alive) however slow the machine.
-        actors = [p for p in psutil.Process(first.pid).children(recursive=True) if "MapWorker" in p.name()]
-        assert first.poll() is None and actors, (tmp_path / "first.log").read_text()
-        actor = actors[0]
+        while actor is None and first.poll() is None and time.monotonic() < deadline:
+            actor = generation_actor(first.pid)
+            time.sleep(0.05)
+        assert actor is not None, (tmp_path / "first.log").read_text()
         actor.suspend()
-
         second = subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
                                 timeout=120)
         assert second.returncode == 2, second.stdout + second.stderr
         assert "is being written by another job" in second.stderr and "Traceback" not in second.stderr
 
-        actor.resume()
+        actor.resume()  # until the first file is committed, then Ctrl-C while work is still to do
+        while not any(out.glob("*.parquet")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        actor.suspend()
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
         first.send_signal(signal.SIGINT)
+        time.sleep(1)
+        actor.resume()  # so that the driver's Ray shutdown can end it
         assert first.wait(timeout=90) == 130, (tmp_path / "first.log").read_text()
     finally:
         if actor is not None:
@@ -238,11 +270,11 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
             first.kill()
         log.close()
     text = (tmp_path / "first.log").read_text()
-    assert "interrupted: 32 rows asked:" in text and "rerun to resume" in text
+    assert "interrupted: 48 rows asked:" in text and "rerun to resume" in text
     assert not (out / "_lease.json").exists()
     files = sorted(out.glob("*.parquet"))
     ids = Counter(i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist())
     assert all(n == 1 for n in ids.values())  # every file readable (nothing half-written), no id twice
-    written = int(text.split("interrupted: 32 rows asked: ")[1].split(" written")[0])
-    assert written == len(ids) < 32
+    written = int(text.split("interrupted: 48 rows asked: ")[1].split(" written")[0])
+    assert written == len(ids) < 48
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

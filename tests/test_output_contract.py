@@ -190,6 +190,34 @@ def test_record_names_every_setting_that_differs():
     assert record.differences(asked) == ["num_inference_steps: 50 there, 10 asked", "plan_id: null there, abc asked"]
 
 
+def test_rerun_with_other_settings_or_other_seeds_is_refused_before_any_work(tmp_path):
+    from jobs.generate import RequestMismatchError, run_generate
+    from jobs.plan_store import signature_for
+    from jobs.run_record import request_of
+    from pipelines.build import GeneratorConfig
+
+    config = GeneratorConfig(model="tiny-dit", num_inference_steps=2, device="cpu")
+    location = Location(str(tmp_path))
+    RunRecord(request=request_of(signature_for(config), policy="none", plan_id=None),
+              runs=[{"run_id": RUN_A}]).save(location)
+    write_rows(tmp_path, f"{RUN_A}_w_000000.parquet",
+               [{"id": "a", "seed": 1, "class_label": 0, "error": None, "attempt": 1}])
+    before = snapshot(tmp_path)
+    manifest = pa.table({"id": ["a"], "seed": [2], "class_label": [0]})
+    with pytest.raises(RequestMismatchError, match="id 'a': seed 1 and class_label 0 there, seed 2 and class_label 0"):
+        run_generate(manifest, str(tmp_path), config, schema=DIGITS)
+    other = GeneratorConfig(model="tiny-dit", num_inference_steps=3, device="cpu")
+    with pytest.raises(RequestMismatchError, match="num_inference_steps: 2 there, 3 asked.*--overwrite"):
+        run_generate(manifest.set_column(1, "seed", pa.array([1])), str(tmp_path), other, schema=DIGITS)
+    assert snapshot(tmp_path) == before
+
+
+def test_unwritable_output_is_found_by_the_lease_probe(s3_endpoint, s3_credentials, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    with pytest.raises(LocationError, match="s3://no-such-bucket/run is not writable"):
+        Lease.acquire(Location("s3://no-such-bucket/run"), command="x")
+
+
 # ---- bad input: one clear error before any work
 
 
