@@ -267,7 +267,7 @@ def generate(
         if summary is not None:
             typer.echo(f"interrupted: {summary.reconciliation.line()}; what is written stays, rerun to resume", err=True)
         else:
-            typer.echo("interrupted before anything was written", err=True)
+            typer.echo("interrupted; what is committed stays, rerun to resume", err=True)
         raise typer.Exit(130) from None
     reconciliation = summary.reconciliation
     typer.echo(

@@ -206,7 +206,7 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
                 "use another --out, or --overwrite to replace the rows there"
             )
     rows = _settle(location, record)  # heals duplicates left by a run stopped between writing and compacting
-    _refuse_conflicting_rows(manifest, rows, schema, location, overwrite)
+    _refuse_conflicting_rows(manifest, rows, schema, location)
     todo, already_there, retried, exhausted = _rows_to_do(manifest, rows, max_attempts)
 
     record = record or RunRecord(request=request)
@@ -232,12 +232,16 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
         failure = one_line(e)
     seconds = time.perf_counter() - started
 
-    try:
-        reconciliation = outputs.reconcile(_settle(location, record), manifest.column("id"))
-    except Exception as e:  # noqa: BLE001 - the storage itself failed: say so, and what is unknown
-        failure = failure or one_line(e)
-        reconciliation = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
-        log.error("could not read back %s to reconcile (%s)", location.uri, one_line(e))
+    unknown = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
+    if lease.lost.is_set():
+        reconciliation = unknown  # the location is another job's now: not ours to read, clean or write
+    else:
+        try:
+            reconciliation = outputs.reconcile(_settle(location, record), manifest.column("id"))
+        except Exception as e:  # noqa: BLE001 - the storage itself failed: say so, and what is unknown
+            failure = failure or one_line(e)
+            reconciliation = unknown
+            log.error("could not read back %s to reconcile (%s)", location.uri, one_line(e))
     summary = GenerateSummary(
         out=location.uri, run_id=run_id, rows_already_there=already_there, rows_attempted=todo.num_rows,
         rows_retried=retried, rows_exhausted=exhausted, reconciliation=reconciliation, seconds=seconds,
@@ -247,7 +251,8 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
     entry.update(finished_at=utc_now(), status=status, written=reconciliation.written, failed=reconciliation.failed,
                  missing=reconciliation.missing, message=failure)
     try:
-        record.save(location)  # written last: "complete" only once the rows are reconciled
+        if not lease.lost.is_set():
+            record.save(location)  # written last: "complete" only once the rows are reconciled
     except Exception as e:  # noqa: BLE001 - the rows are what counts; the record says "running" until a rerun
         log.error("could not update %s (%s)", location.url("_run.json"), one_line(e))
     if interrupted is not None and not lease.lost.is_set():
@@ -266,7 +271,7 @@ def _settle(location: Location, record: RunRecord | None) -> outputs.Rows:
     return rows
 
 
-def _refuse_conflicting_rows(manifest: pa.Table, rows: outputs.Rows, schema: ManifestSchema, location, overwrite):
+def _refuse_conflicting_rows(manifest: pa.Table, rows: outputs.Rows, schema: ManifestSchema, location: Location):
     """An id already in the output must stand for the same image: same seed and the same class or prompt."""
     if rows.table.num_rows == 0:
         return

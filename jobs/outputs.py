@@ -185,14 +185,14 @@ class Rows:
 
     def resolved(self):
         """(kept, superseded) as pandas frames: per id the row that stands, and every other row."""
+        import pandas as pd
+
         df = self.table.to_pandas()
         df["ok"] = df["error"].isna()
         df = df.sort_values(["file", "row"], kind="stable")
         ok = df[df["ok"]].drop_duplicates("id", keep="first")
         failed = df[~df["ok"] & ~df["id"].isin(ok["id"])]
         failed = failed.sort_values(["attempt", "file", "row"], kind="stable").drop_duplicates("id", keep="last")
-        import pandas as pd
-
         kept = pd.concat([ok, failed])
         return kept, df.drop(index=kept.index)
 

@@ -128,6 +128,24 @@ def test_an_actor_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(ray_l
     assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
 
 
+def test_overwrite_replaces_only_the_jobs_own_rows(ray_local, tmp_path):
+    from jobs.location import Location
+    from jobs.run_record import RunRecord
+
+    out = tmp_path / "out"
+    manifest = class_manifest([1], 1, 0)
+    assert run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2).complete
+    first_files = sorted(out.glob("*.parquet"))
+    other = GeneratorConfig(model="tiny-dit", num_inference_steps=3, device="cpu")
+    summary = run_generate(manifest, str(out), other, schema=SCHEMA, batch_size=2, overwrite=True)
+    assert summary.complete and summary.rows_already_there == 0
+    assert not any(f.exists() for f in first_files)
+    record = RunRecord.load(Location(str(out)))
+    assert record.request["num_inference_steps"] == 3 and len(record.runs) == 1
+    rows = read_outputs(str(out), columns=["id", "steps_total"]).to_pylist()
+    assert rows == [{"id": "c1-s0-0", "steps_total": 3}]
+
+
 class BrokenActor(GenerateBatch):
     def __init__(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)\nand a second line")
@@ -253,11 +271,14 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
         assert second.returncode == 2, second.stdout + second.stderr
         assert "is being written by another job" in second.stderr and "Traceback" not in second.stderr
 
-        actor.resume()  # until the first file is committed, then Ctrl-C while work is still to do
+        with contextlib.suppress(psutil.Error):  # a stopped actor can miss Ray's health checks and be replaced
+            actor.resume()
+        # Until the first file is committed, then Ctrl-C while the (current) actor is held with work to do.
         while not any(out.glob("*.parquet")) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
+        actor = generation_actor(first.pid)
+        assert first.poll() is None and actor is not None, (tmp_path / "first.log").read_text()
         actor.suspend()
-        assert first.poll() is None, (tmp_path / "first.log").read_text()
         first.send_signal(signal.SIGINT)
         time.sleep(1)
         actor.resume()  # so that the driver's Ray shutdown can end it
