@@ -1,8 +1,12 @@
 """InvarDiff feature caching for diffusers diffusion transformers (DiT, FLUX).
 
+    import invardiff
+    plan = invardiff.calibrate(pipe, class_labels, num_inference_steps=50, preset="fast")   # or target_speedup=3
+    invardiff.enable(pipe, plan)      # every later pipe(...) call runs under the plan, checked against it
+    invardiff.disable(pipe)
+
 The public names below are loaded on first use (PEP 562): `import invardiff.plan` (the plan object, pure numpy)
-and the CLI stay free of torch/diffusers imports, which cost several seconds. The plan and the calibration math
-are imported from `invardiff.plan` / `invardiff.calibration` directly and are not re-exported here.
+and the CLI stay free of torch/diffusers imports, which cost several seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +15,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "enable": "api",
+    "disable": "api",
+    "calibrate": "api",
+    "pipeline_signature": "api",
+    "PlanCallMismatch": "api",
+    "Plan": "plan",
+    "PlanError": "plan",
+    "PlanMismatchError": "plan",
+    "PipelineSignature": "plan",
+    "ForecastTarget": "tuning",
     "CachePolicy": "policy",
     "DiCachePolicy": "policies.dicache",
     "L2CPolicy": "policies.l2c",
@@ -48,6 +62,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .api import PlanCallMismatch, calibrate, disable, enable, pipeline_signature
+    from .plan import PipelineSignature, Plan, PlanError, PlanMismatchError
+    from .tuning import ForecastTarget
     from .adapters import UnsupportedModelError, get_adapter, layers
     from .policies import make_policy
     from .policies.dicache import DiCachePolicy

@@ -271,9 +271,19 @@ class _StatsCounter:
 class InvarDiffRuntime:
     """What all hooks of one applied plan share: the schedule, the stats, and the state of the call in flight."""
 
-    def __init__(self, schedule: Schedule, adapter: TransformerAdapter, sites: list[CacheSite], plan_id: str | None):
+    def __init__(
+        self,
+        schedule: Schedule,
+        adapter: TransformerAdapter,
+        sites: list[CacheSite],
+        plan_id: str | None,
+        check_first_call=None,
+    ):
         self.schedule = schedule
         self.adapter = adapter
+        # Called with a generation's first transformer call (args, kwargs): raises when the call does not match the
+        # plan (resolution, guidance), before anything runs. Shapes only, so it costs no host-device sync.
+        self.check_first_call = check_first_call
         self.sites = sites
         self.plan_id = plan_id
         self.stats = _StatsCounter(schedule)
@@ -299,6 +309,8 @@ class InvarDiffStepHook(ModelHook):
         runtime.adapter.check_call(args, kwargs)
         state = self.state_manager.get_state()
         step = state.step
+        if step == 0 and runtime.check_first_call is not None:
+            runtime.check_first_call(args, kwargs)
         gated = runtime.schedule.skip_blocks[step]
         if gated and runtime.schedule.residual_gain[step] is None and state.h_last is None:
             self.clear()
@@ -430,11 +442,13 @@ class InvarDiffModuleHook(ModelHook):
 # Public API.
 
 
-def apply_invardiff(transformer: torch.nn.Module, plan: Any) -> None:
+def apply_invardiff(transformer: torch.nn.Module, plan: Any, *, check_first_call=None) -> None:
     """Execute `plan` on every subsequent call of `transformer`.
 
     `plan` needs `step_gate` (bool[T], True = reuse H), `modules` ({family: bool[T, L]}, True = reuse) and
-    `plan_id`. Row k of the plan drives the k-th call in each cache context; after T calls the context starts over.
+    `plan_id`; a forecast-mode `invardiff.plan.Plan` adds `mode` and `forecast`. Row k of the plan drives the k-th
+    call in each cache context; after T calls the context starts over. `check_first_call(args, kwargs)` runs on the
+    first call of every generation and may raise to refuse it (`invardiff.enable` uses it).
     """
     transformer = unwrap(transformer)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
@@ -443,7 +457,7 @@ def apply_invardiff(transformer: torch.nn.Module, plan: Any) -> None:
     adapter = get_adapter(transformer)
     schedule = build_schedule(plan, adapter, transformer)
     sites = adapter.cache_sites(transformer)
-    runtime = InvarDiffRuntime(schedule, adapter, sites, getattr(plan, "plan_id", None))
+    runtime = InvarDiffRuntime(schedule, adapter, sites, getattr(plan, "plan_id", None), check_first_call)
     try:
         for index, site in enumerate(sites):
             register_hook(site.module, InvarDiffModuleHook(runtime, index), _MODULE_HOOK)

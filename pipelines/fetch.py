@@ -161,14 +161,9 @@ def model_fingerprint(module_or_dir: torch.nn.Module | str | os.PathLike) -> str
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        # Viewing as bytes works for every dtype, bfloat16 included, which numpy cannot represent.
-        data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest.update(data.numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"
+    from invardiff.fingerprint import module_fingerprint
+
+    return module_fingerprint(module)
 
 
 def _directory_fingerprint(root: Path) -> str:

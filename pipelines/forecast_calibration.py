@@ -1,9 +1,9 @@
 """Calibrate a forecast plan on a generator: candidate errors in, the schedule that minimises them out.
 
-The math is pure (`invardiff.forecast`), the measuring is hooks (`invardiff.forecast_recorder`); this module runs
-the sampler on the calibration inputs and makes the one choice that needs whole runs: which forecast target
-(residual or modules) and, for an error bound, how many computed steps. Both are decided by relative error of
-the final sample against the same-seed uncached run, on the calibration set, then checked on held-out seeds.
+The math is pure (`invardiff.forecast`), the measuring is hooks (`invardiff.forecast_recorder`), the choices that
+need whole runs are `invardiff.tuning`; this module runs the project's generators for them: candidate errors and
+fit checks (relative error of the final sample against the same-seed uncached run) on the calibration inputs,
+then the check on held-out seeds.
 
 Everything that touches the model goes through two callables (`record`, `evaluate`), so the distributed job
 (`jobs.calibrate`) runs the same choice with the work spread over Ray workers; both return per-chunk results
@@ -12,71 +12,38 @@ that are combined in chunk order, which keeps the plan identical for any number 
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import numpy as np
 
+from invardiff.tuning import (  # noqa: F401 - re-exported: the job and the benchmarks import them from here
+    RECORD_MAX_GAP_FOR_BOUND,
+    TARGETS,
+    Errors,
+    FitParts,
+    ForecastTarget,
+    choose_plan,
+    fit_parts,
+    relative_error,
+    with_held_out_check,
+)
 from pipelines.base import Generator, Request
 
-TARGETS = ("residual", "modules")
 HELD_OUT_SEED = 30_000  # held-out seeds start here; calibration seeds start at 10_000
 HELD_OUT_RUNS = 8
-RECORD_MAX_GAP_FOR_BOUND = 4  # an error bound may settle anywhere up to 5x, which needs runs of 4 gated steps
-
-Errors = tuple[np.ndarray, np.ndarray]  # (copy_error (T, G), linear_error (T, G, G))
-FitParts = tuple[np.ndarray, np.ndarray]  # per run: (sum of squared error, sum of squared reference)
 
 
-@dataclass(frozen=True)
-class ForecastTarget:
-    """What to tune for: a counted speedup, or the largest speedup within a relative-error bound."""
+def sampler_gains(generator: Generator) -> np.ndarray:
+    """The generator's sampler sensitivities (`invardiff.tuning.sampler_gains`): our DiT loop's DDIM scheduler,
+    or a diffusers pipeline's scheduler (FLUX)."""
+    from invardiff.tuning import sampler_gains as gains
 
-    speedup: float | None = None
-    max_rel_error: float | None = None
-    name: str | None = None  # the preset it came from, for the record
-
-    def __post_init__(self):
-        if (self.speedup is None) == (self.max_rel_error is None):
-            raise ValueError("give exactly one of a target speedup or a maximum relative error")
-        if self.speedup is not None and not self.speedup >= 1.0:
-            raise ValueError(f"target speedup must be >= 1, got {self.speedup}")
-        if self.max_rel_error is not None and not self.max_rel_error > 0.0:
-            raise ValueError(f"maximum relative error must be > 0, got {self.max_rel_error}")
-
-    def record_gap(self, num_steps: int) -> int:
-        """The longest gated run calibration measures candidates for."""
-        from invardiff.forecast import DEFAULT_MAX_GAP, computed_steps_for, min_max_gap
-
-        if self.speedup is None:
-            return RECORD_MAX_GAP_FOR_BOUND
-        return max(DEFAULT_MAX_GAP, min_max_gap(num_steps, computed_steps_for(num_steps, self.speedup)))
+    scheduler = getattr(generator, "scheduler", None) or getattr(getattr(generator, "pipeline", None), "scheduler", None)
+    return gains(scheduler, generator.num_inference_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring (runs the model)
-
-
-def sampler_gains(generator: Generator) -> np.ndarray:
-    """Per step, ``d x_{k+1} / d output`` of the generator's sampler step (a scalar for DDIM with eta 0 and for
-    flow-matching Euler), so candidate errors in model-output space become errors of the next sampler state."""
-    scheduler = getattr(generator, "scheduler", None)
-    steps = generator.num_inference_steps
-    if scheduler is not None and type(scheduler).__name__ == "DDIMScheduler":
-        import torch
-
-        probe = copy.deepcopy(scheduler)
-        probe.set_timesteps(steps, device="cpu")
-        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
-        return np.array([float(probe.step(one, t, zero, eta=0.0).prev_sample) for t in probe.timesteps])
-    pipeline_scheduler = getattr(getattr(generator, "pipeline", None), "scheduler", None)
-    sigmas = getattr(pipeline_scheduler, "sigmas", None)
-    if sigmas is not None and len(sigmas) == steps + 1:  # set by the last generation (FLUX's shifted sigmas)
-        return np.abs(np.diff(np.asarray(sigmas, dtype=np.float64)))
-    return np.ones(steps)
 
 
 def record_errors(
@@ -114,22 +81,6 @@ def record_errors(
     return parts
 
 
-def fit_parts(finals, references) -> FitParts:
-    """Per run: squared error against the reference and the reference's squared norm."""
-    import torch
-
-    x = torch.as_tensor(finals).double().flatten(1)
-    r = torch.as_tensor(references).double().flatten(1)
-    return ((x - r) ** 2).sum(1).numpy(), (r**2).sum(1).numpy()
-
-
-def relative_error(parts: Sequence[FitParts]) -> float:
-    """||x - x_ref|| / ||x_ref|| over every run of the parts (the benchmarks' rel err)."""
-    num = sum(float(p[0].sum()) for p in parts)
-    den = sum(float(p[1].sum()) for p in parts)
-    return math.sqrt(num / den) if den > 0 else math.inf
-
-
 def measure_fit(generator: Generator, requests: Sequence[Request], plan, batch_size: int = 16) -> list[FitParts]:
     """Per chunk: how far ``plan``'s final samples are from the uncached ones, same seeds, same batches."""
     from invardiff.policy import InvarDiffPolicy
@@ -153,131 +104,11 @@ def measure_fit(generator: Generator, requests: Sequence[Request], plan, batch_s
 # Choosing (pure apart from the callables)
 
 
-def choose_plan(
-    signature,
-    goal: ForecastTarget,
-    errors: dict[str, Errors],
-    gains: np.ndarray,
-    evaluate: Callable[[object], list[FitParts]],
-    *,
-    orders: Sequence[int] = (0, 1),
-    record: dict | None = None,
-    say: Callable[[str], None] = lambda _m: None,
-):
-    """The forecast plan for ``goal``. At a budget of computed steps the candidates are, per target, the DP schedule
-    (placed by summed candidate error) and the uniform one; the candidate whose plan has the lowest relative error
-    on the calibration runs wins. The DP minimises one-step errors on the true trajectory and cannot see how an
-    error propagates, so it is checked against the uniform baseline on whole runs rather than trusted alone.
-    For an error bound, the fewest computed steps that meet it (binary search; relative error falls as computed
-    steps are added, and the search checks each point it visits)."""
-    from invardiff.forecast import (
-        DEFAULT_MAX_GAP,
-        choose_schedule,
-        computed_steps_for,
-        min_max_gap,
-        schedule_error,
-        uniform_schedule,
-    )
-    from invardiff.plan import Plan
-
-    num_steps = signature.num_inference_steps
-    weight = (np.asarray(gains, dtype=np.float64) ** 2)[:, None]
-    scaled = {t: (c * weight, l * weight[:, :, None]) for t, (c, l) in errors.items()}
-    recorded_gap = min(c.shape[1] for c, _ in scaled.values()) - 1
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    tried: dict[int, dict] = {}
-
-    def best_at(num_computed: int):
-        if num_computed in tried:
-            return tried[num_computed]
-        gap = max(DEFAULT_MAX_GAP, min_max_gap(num_steps, num_computed))
-        rows = {}
-        for target, (copy_error, linear_error) in scaled.items():
-            schedules = {
-                "dp": choose_schedule(copy_error, linear_error, num_computed, max_gap=gap, orders=orders),
-                "uniform": uniform_schedule(num_steps, num_computed, order=max(orders)),
-            }
-            for placement, schedule in schedules.items():
-                plan = Plan.from_forecast(signature, schedule, target=target, created_at=stamp)
-                rel = relative_error(evaluate(plan))
-                say(f"{target:8s} {placement:7s} {num_computed:3d} computed steps: calibration rel err {rel:.4f}")
-                rows[f"{target}/{placement}"] = {
-                    "plan": plan,
-                    "dp_error": schedule_error(copy_error, linear_error, schedule),
-                    "rel_err": rel,
-                    "max_gap": gap,
-                }
-        tried[num_computed] = rows
-        return rows
-
-    def winner(rows):
-        return min(rows, key=lambda key: (rows[key]["rel_err"], list(rows).index(key)))
-
-    if goal.speedup is not None:
-        num_computed = computed_steps_for(num_steps, goal.speedup)
-    else:
-        low = max(1, math.ceil(num_steps / (recorded_gap + 1)))
-        high = num_steps
-        while low < high:  # smallest num_computed whose best plan meets the bound
-            middle = (low + high) // 2
-            rows = best_at(middle)
-            if rows[winner(rows)]["rel_err"] <= goal.max_rel_error:
-                high = middle
-            else:
-                low = middle + 1
-        num_computed = low
-    rows = best_at(num_computed)
-    chosen = winner(rows)
-    calibration = {
-        "method": "forecast-dp",
-        "goal": {"target_speedup": goal.speedup, "max_rel_error": goal.max_rel_error, "preset": goal.name},
-        "computed_steps": num_computed,
-        "max_gap": rows[chosen]["max_gap"],
-        "orders_allowed": list(orders),
-        "error": "squared error of x_{k+1}, summed over calibration runs",
-        "candidates": {
-            t: {"dp_error": r["dp_error"], "calibration_rel_err": r["rel_err"]} for t, r in rows.items()
-        },
-        "search": {str(m): {t: r["rel_err"] for t, r in rs.items()} for m, rs in sorted(tried.items())},
-        "chosen": chosen,
-        "target": chosen.split("/")[0],
-        "placement": chosen.split("/")[1],
-        **(record or {}),
-    }
-    plan = rows[chosen]["plan"]
-    return Plan.from_forecast(
-        signature, plan.forecast_schedule, target=plan.forecast["target"], calibration=calibration, created_at=stamp
-    )
-
-
 def held_out_requests(generator: Generator, runs: int = HELD_OUT_RUNS) -> list[Request]:
     from pipelines.calibration import calibration_requests
 
     return [Request(f"held-out-{i}", r.seed, r.class_label, r.prompt) for i, r in
             enumerate(calibration_requests(generator, runs=runs, seed=HELD_OUT_SEED))]  # fmt: skip
-
-
-def with_held_out_check(plan, parts: Sequence[FitParts], goal: ForecastTarget, seeds: Sequence[int]):
-    """The plan with its held-out relative error recorded (and whether it meets the bound, if one was asked)."""
-    from invardiff.plan import Plan
-
-    rel = relative_error(parts)
-    per_run = np.sqrt(np.concatenate([p[0] for p in parts]) / np.concatenate([p[1] for p in parts]))
-    held_out = {
-        "runs": len(seeds),
-        "seeds": [int(s) for s in seeds],
-        "rel_err": rel,
-        "rel_err_max_run": float(per_run.max()),
-        "within_bound": None if goal.max_rel_error is None else bool(rel <= goal.max_rel_error),
-    }
-    return Plan.from_forecast(
-        plan.signature,
-        plan.forecast_schedule,
-        target=plan.forecast["target"],
-        modules=plan.modules,
-        calibration={**plan.calibration, "held_out": held_out},
-        created_at=plan.created_at,
-    )
 
 
 def candidate_errors(
