@@ -283,3 +283,27 @@ def test_refresh_not_promoted_exits_3(tmp_path, cli, monkeypatch):
     assert EXIT_NOT_PROMOTED == 3 and result.returncode == EXIT_NOT_PROMOTED
     assert "NOT promoted" in result.stdout and "Jaccard" in result.stdout
     assert store.latest(store_key(old.signature)) == old
+
+
+def forecast_plan(computed: int, created: str, target: str = "residual") -> Plan:
+    from invardiff.forecast import uniform_schedule
+
+    return Plan.from_forecast(signature(), uniform_schedule(T, computed), target=target, calibration={"runs": 4},
+                              created_at=created)  # fmt: skip
+
+
+def test_store_versions_forecast_plans_and_gates_their_refresh(tmp_path):
+    store = PlanStore(str(tmp_path))
+    paper = make_plan(1)
+    publish(store, paper)
+    key = store_key(paper.signature)
+    first = forecast_plan(5, "2026-11-26T02:00:00Z")
+    assert publish(store, first).status == "promoted"  # paper -> forecast: a refresh like any other
+    assert store.latest(key) == first and store.latest(key).mode == "forecast"
+    # a schedule that moved far is stored, reported, and not promoted under a strict gate
+    moved = forecast_plan(3, "2026-11-27T02:00:00Z")
+    rejected = publish(store, moved, gate=drift.DriftGate(min_jaccard=0.9))
+    assert rejected.status == "rejected" and store.latest(key) == first
+    report = (tmp_path / key / "reports" / f"{rejected.version}-drift.md").read_text()
+    assert "NOT promoted" in report
+    assert len(store.versions(key)) == 3
