@@ -85,7 +85,7 @@ def test_injected_batch_errors_are_reported_then_retried_on_rerun(ray_local, tmp
     assert sorted(r["attempt"] for r in rows) == sorted([1] * (4 - result.failed) + [2] * result.failed)
 
 
-def test_rows_that_keep_failing_stop_being_retried_after_max_attempts(ray_local, tmp_path):
+def test_rows_failing_past_max_attempts_stay_failed_until_overwrite_replaces_them(ray_local, tmp_path):
     out = str(tmp_path / "out")
     manifest = class_manifest([2], per_class=2, seed=0)
     for attempt in (1, 2):
@@ -97,6 +97,20 @@ def test_rows_that_keep_failing_stop_being_retried_after_max_attempts(ray_local,
     assert third.rows_attempted == 0 and third.rows_exhausted == 2 and third.reconciliation.failed == 2
     rows = read_outputs(out, columns=["id", "attempt", "error"]).to_pylist()
     assert sorted((r["attempt"], r["error"]) for r in rows) == [(2, "ValueError: class 2 never works")] * 2
+
+    # --overwrite (here with other settings, which a plain rerun refuses) replaces the job's own rows.
+    from jobs.location import Location
+    from jobs.run_record import RunRecord
+
+    failed_files = sorted(Path(out).glob("*.parquet"))
+    other = GeneratorConfig(model="tiny-dit", num_inference_steps=3, device="cpu")
+    fresh = run_generate(manifest, out, other, schema=SCHEMA, batch_size=2, overwrite=True)
+    assert fresh.complete and fresh.rows_already_there == 0 and not any(f.exists() for f in failed_files)
+    record = RunRecord.load(Location(out))
+    assert record.request["num_inference_steps"] == 3 and [r["status"] for r in record.runs] == ["complete"]
+    rows = read_outputs(out, columns=["id", "steps_total", "attempt", "error"]).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(manifest.column("id").to_pylist())
+    assert all(r["steps_total"] == 3 and r["attempt"] == 1 and r["error"] is None for r in rows)
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(ray_local, tmp_path):
@@ -126,24 +140,6 @@ def test_an_actor_killed_mid_run_is_replaced_and_no_row_is_lost_or_doubled(ray_l
     summary = result["summary"]
     assert summary.complete, summary
     assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
-
-
-def test_overwrite_replaces_only_the_jobs_own_rows(ray_local, tmp_path):
-    from jobs.location import Location
-    from jobs.run_record import RunRecord
-
-    out = tmp_path / "out"
-    manifest = class_manifest([1], 1, 0)
-    assert run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2).complete
-    first_files = sorted(out.glob("*.parquet"))
-    other = GeneratorConfig(model="tiny-dit", num_inference_steps=3, device="cpu")
-    summary = run_generate(manifest, str(out), other, schema=SCHEMA, batch_size=2, overwrite=True)
-    assert summary.complete and summary.rows_already_there == 0
-    assert not any(f.exists() for f in first_files)
-    record = RunRecord.load(Location(str(out)))
-    assert record.request["num_inference_steps"] == 3 and len(record.runs) == 1
-    rows = read_outputs(str(out), columns=["id", "steps_total"]).to_pylist()
-    assert rows == [{"id": "c1-s0-0", "steps_total": 3}]
 
 
 class BrokenActor(GenerateBatch):
