@@ -69,6 +69,27 @@ def compare(name: str, out: dict, reference: dict, labels, **extra) -> dict:
     return row
 
 
+def cache_bytes(generator, requests, plan) -> int:
+    """Peak bytes the plan's cache holds during one generation (every context), read after each transformer call."""
+    from invardiff import apply_invardiff, invardiff_cache_contents, remove_invardiff, reset_invardiff
+
+    transformer = generator.transformer
+    peak = [0]
+
+    def record(_module, _args, _output):
+        peak[0] = max(peak[0], sum(c["bytes"] for c in invardiff_cache_contents(transformer).values()))
+
+    apply_invardiff(transformer, plan)
+    handle = transformer.register_forward_hook(record)
+    try:
+        reset_invardiff(transformer)
+        generator.generate(requests)
+    finally:
+        handle.remove()
+        remove_invardiff(transformer)
+    return peak[0]
+
+
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     union = (a | b).sum()
     return float((a & b).sum() / union) if union else 1.0
@@ -173,7 +194,16 @@ def main(argv=None) -> None:
                             run(generator, requests, plan), reference, labels, group="calibration-runs", runs=n,
                             target=plan.forecast["target"], jaccard_vs_most_runs=jaccard(mask, reference_mask)))  # fmt: skip
 
+    # memory of the stored pairs, per target, for this batch
+    memory = {}
+    for target in ("residual", "modules"):
+        schedule = dp(target, computed_steps_for(steps, 3.0))
+        memory[target] = cache_bytes(generator, requests, plan_of(schedule, target))
+    memory["paper copy-balanced"] = cache_bytes(generator, requests, paper)
+
     result = {
+        "memory_bytes": memory,
+        "batch": images,
         "command": "python -m benchmarks.forecast_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
         "images": images,
         "calibration_runs": runs,
@@ -198,6 +228,8 @@ def markdown(result: dict) -> str:
         jac = f"{r['jaccard_vs_most_runs']:.2f}" if "jaccard_vs_most_runs" in r else ""
         lines.append(f"| {r['row']} | {r['counted_speedup']:.2f}× | {r['cpu_speedup']:.2f}× | {r['psnr_db']:.1f} "
                      f"| {r['rel_err']:.4f} | {100 * r['accuracy']:.0f} % | {jac} |")  # fmt: skip
+    lines += ["", f"Cache held at its peak during one generation of {result['batch']} images (CFG doubles the rows):", ""]
+    lines += [f"- {name}: {value / 2**20:.2f} MiB" for name, value in result["memory_bytes"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -204,10 +204,10 @@ def _site_gain(computed_at: list[int], k: int, order: int) -> float:
 
 def _extrapolate(last: Any, diff: Any, gain: float) -> Any:
     """last + gain * diff, elementwise per row; tuples (FLUX joint attention) element by element."""
+    if gain == 0.0 or last is None:
+        return last
     if isinstance(last, tuple):
         return tuple(_extrapolate(x, d, gain) for x, d in zip(last, diff))
-    if last is None or gain == 0.0:
-        return last
     return torch.add(last, diff, alpha=gain)
 
 

@@ -364,3 +364,39 @@ def test_calibrate_to_an_error_bound_takes_the_fewest_computed_steps_within_it(t
     assert all(rel > 0.5 for m, rel in search.items() if m < chosen)
     tight = calibrate_forecast(tiny_generator, ForecastTarget(max_rel_error=1e-4), requests, batch_size=2, held_out=0)
     assert tight.forecast_schedule.num_computed >= chosen
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("target", ["residual", "modules"])
+def test_flux_forecast_plans_run_batch_invariant_and_match_the_recorder(target):
+    from invardiff import apply_invardiff, get_adapter, invardiff_stats, remove_invardiff, reset_invardiff
+    from invardiff.forecast_recorder import ForecastErrorRecorder
+    from invardiff_testing import flux_inputs, sample_flux, tiny_flux
+
+    model = tiny_flux()
+    layers = get_adapter(model).layers(model)
+    sig = PipelineSignature(
+        architecture="flux", model_id="tiny-flux", model_fingerprint="sha256:" + "cd" * 32,
+        scheduler="FlowMatchEulerDiscreteScheduler", num_inference_steps=STEPS, height=32, width=32,
+        guidance_mode="none", guidance_scale=1.0, dtype="float32", layers=layers,
+    )  # fmt: skip
+    plan = Plan.from_forecast(sig, uniform_schedule(STEPS, 4), target=target)
+    inputs = flux_inputs(3)
+    apply_invardiff(model, plan)
+    together = sample_flux(model, inputs, STEPS)[-1]
+    stats = invardiff_stats(model)
+    alone = []
+    for row in range(3):
+        reset_invardiff(model)
+        alone.append(sample_flux(model, inputs.rows(slice(row, row + 1)), STEPS)[-1])
+    remove_invardiff(model)
+    torch.testing.assert_close(torch.cat(alone), together, rtol=0, atol=5e-5)
+    assert stats.steps_computed == 4 and stats.module_evals_computed == 4 * sum(layers.values())
+    # the recorder measures the candidates on FLUX too, and leaves the uncached outputs alone
+    reference = sample_flux(model, inputs, STEPS)
+    with ForecastErrorRecorder(model, num_steps=STEPS, target=target, max_gap=2) as recorder:
+        recorded = sample_flux(model, inputs, STEPS)
+    for got, want in zip(recorded, reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    copy_error, linear_error = recorder.errors()
+    assert np.nanmin(copy_error) >= 0 and np.isfinite(copy_error[1:, 0]).all()
