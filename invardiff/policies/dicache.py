@@ -134,7 +134,8 @@ class DiCacheState(BaseState):
         # The call in flight.
         self.h0: torch.Tensor | None = None
         self.q_now: torch.Tensor | None = None
-        self.compute_rows: torch.Tensor | None = None  # row indices that run the tail; None = all rows
+        self.compute_mask: list[bool] = []  # per row: runs the tail
+        self.compute_rows: torch.Tensor | None = None  # the same, as row indices
         self.all_compute = True
         self.any_compute = True
 
@@ -168,8 +169,8 @@ class _Runtime:
             self.block_families[block_of[site.name.rsplit(".", 1)[0]]].extend(site.families)
         self.active: DiCacheState | None = None
         self.rows_run: list[int] = [0] * len(self.blocks)  # of the call in flight
-        self.counter = _Counter(computed=dict.fromkeys(self.layers, 0.0), total=dict.fromkeys(self.layers, 0))
         self.trace: dict[str, list[list[bool]]] = {}  # context -> per call, per row: did the tail run
+        self.reset_stats()
 
     @property
     def per_row(self) -> bool:
@@ -217,11 +218,7 @@ class DiCacheStepHook(ModelHook):
         for block, families in enumerate(runtime.block_families):
             for family in families:
                 counter.computed[family] += runtime.rows_run[block] / rows
-        name = self.state_manager.context_name()
-        computed = runtime.rows_run[-1]
-        runtime.trace.setdefault(name, []).append(
-            [True] * rows if computed == rows else _row_mask(state.compute_rows, rows)
-        )
+        runtime.trace.setdefault(self.state_manager.context_name(), []).append(list(state.compute_mask))
 
     def clear(self) -> None:
         self.runtime.active = None
@@ -232,13 +229,6 @@ class DiCacheStepHook(ModelHook):
         self.runtime.active = None
         self.state_manager.reset()
         return module
-
-
-def _row_mask(rows_index: torch.Tensor | None, rows: int) -> list[bool]:
-    mask = [False] * rows
-    for row in (rows_index.tolist() if rows_index is not None else []):
-        mask[row] = True
-    return mask
 
 
 class DiCacheStackInputHook(ModelHook):
@@ -359,6 +349,7 @@ def decide(runtime: _Runtime, state: DiCacheState, probe: torch.Tensor) -> None:
 
     if not per_row:
         compute = compute * rows
+    state.compute_mask = compute
     state.all_compute, state.any_compute = all(compute), any(compute)
     state.compute_rows = torch.tensor([r for r in range(rows) if compute[r]], dtype=torch.long, device=probe.device)
 
