@@ -52,6 +52,7 @@ def train_router(
     progress: Callable[[str], None] | None = None,
 ) -> TrainedRouter:
     """Train an L2C router for the pipeline `config` builds, and threshold it at `theta` into a plan."""
+    from invardiff.adapters import get_adapter
     from invardiff.policies.l2c import L2CRouter, RouterTrainingConfig, train_dit_router
     from pipelines.build import build_generator
 
@@ -71,8 +72,6 @@ def train_router(
         progress=progress,
     )
     record["data"] = f"{config.model}: sklearn load_digits, {len(images)} images, pixel encoding of pipelines.digits"
-    from invardiff.adapters import get_adapter
-
     units = [site.name for site in get_adapter(transformer).cache_sites(transformer)]
     router = L2CRouter(generator.signature(), units, logits.numpy(), record)
     return TrainedRouter(router, router.to_plan(transformer, theta))

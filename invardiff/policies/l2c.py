@@ -24,7 +24,6 @@ L2C's "cache of the last full step". There is no L2C runtime of its own.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -432,8 +431,3 @@ def _noise_part(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A learned-variance model (DiT-XL/2) predicts 2C channels; DDIM steps with the noise half."""
     return output[:, : x.shape[1]] if output.shape[1] == 2 * x.shape[1] else output
 
-
-def ideal_speedup(kept_per_cache_step: Sequence[int], num_steps: int, units: int) -> float:
-    """Counted-work speedup of a thresholded plan: every unit on full steps, |K_n| on cache steps."""
-    full = math.ceil(num_steps / 2)
-    return num_steps * units / (full * units + sum(kept_per_cache_step))
