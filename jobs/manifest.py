@@ -1,14 +1,15 @@
 """Generation manifests: read, validate, or make one from a class range.
 
 A manifest is Parquet or JSON Lines, local or any fsspec URI, one row per image:
-  id           unique string (integers are accepted and kept as their decimal string)
+  id           unique string (integers are kept as their decimal string, UTF-8 binary as its text)
   seed         integer in [0, 2**63)
   class_label  integer class id (class-conditional DiT models), or
   prompt       non-empty text (text-to-image FLUX models)
 Any other column is carried through to the output unchanged.
 
-Validation runs on the driver before any model is loaded, and reports every bad row it finds (up to a
-limit), naming the row number, its id and the field.
+Validation runs on the driver before any model is loaded, and reports every problem of the first 20 bad
+rows, naming the row number, its id and the field. Values are typed only once they are known to fit (a seed
+or label past int64 is a named problem, not an OverflowError).
 """
 
 from __future__ import annotations

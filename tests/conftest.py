@@ -21,10 +21,18 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # Workers get moto's test credentials, so jobs writing to the session's S3 endpoint work from them.
-        credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": credentials})
+        # Workers inherit the environment at ray.init: give them S3 credentials (moto takes any) so that jobs
+        # writing to the session's S3 endpoint work, unless a module set its own fake ones first. Not through
+        # runtime_env, which Ray writes to its logs.
+        fake = {"AWS_ACCESS_KEY_ID": "AKIAINVARDIFFSESSION", "AWS_SECRET_ACCESS_KEY": "session-fake-secret-5d1e",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+        missing = [name for name in fake if name not in os.environ]
+        os.environ.update({name: fake[name] for name in missing})
+        try:
+            ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        finally:
+            for name in missing:
+                os.environ.pop(name, None)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
