@@ -469,7 +469,14 @@ def calibrate(
 def train_router_command(
     plan_out: str = typer.Option(..., "--plan-out", help="Where to write the thresholded L2C plan (path or URI)."),
     out: Optional[str] = typer.Option(None, "--out", help="Where to write the trained router (path or URI)."),
-    lam: float = typer.Option(1e-4, "--lam", min=0.0, help="Weight of the L1 penalty on the router scores."),
+    lam: Optional[list[float]] = typer.Option(
+        None, "--lam", min=0.0, help="Weight of the L1 penalty on the router scores (default 1e-4). Repeat for a "
+        "sweep; then --out/--plan-out must contain '{lam}'."
+    ),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Train the lambdas as Ray tasks, this many at a time (default: one process)."
+    ),
+    address: Optional[str] = typer.Option(None, "--address", help="With --workers: Ray address (default: local)."),
     theta: float = typer.Option(0.1, "--theta", min=0.0, max=1.0, help="A unit is recomputed where score > theta."),
     from_router: Optional[str] = typer.Option(
         None, "--from-router", help="Threshold this saved router again instead of training (no --lam, no --out)."
@@ -489,26 +496,40 @@ def train_router_command(
     Run the plan with `invardiff generate --policy l2c --plan PLAN.json`.
     """
     from jobs.ray_runtime import storage_options_for
-    from jobs.train_router import plan_from_router_file, train_router
+    from jobs.train_router import plan_from_router_file, train_router, train_router_sweep
 
+    lams = lam or [1e-4]
+    if from_router and (lam or workers):
+        raise UserError("--from-router thresholds a trained router again: no --lam, no --workers")
+    if len(lams) > 1 and not all("{lam}" in path for path in (plan_out, out) if path):
+        raise UserError("with several --lam, --plan-out (and --out) must contain '{lam}'")
     config = _generator_config(model, steps, guidance, dtype, device, None, None, 1.0)
+    training = dict(theta=theta, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed)
     try:
         if from_router:
             options = storage_options_for(from_router) or None
-            plan, trained = plan_from_router_file(from_router, config, theta, storage_options=options), None
+            results = [(None, plan_from_router_file(from_router, config, theta, storage_options=options))]
+        elif workers:
+            results = [(t, t.plan) for t in train_router_sweep(config, lams, workers=workers, address=address,
+                                                                **training)]
         else:
-            trained = train_router(config, lam, theta=theta, iterations=iterations, batch_size=batch_size, lr=lr,
-                                   seed=seed, progress=lambda msg: typer.echo(f"  {msg}", err=True))
-            plan = trained.plan
+            progress = lambda msg: typer.echo(f"  {msg}", err=True)  # noqa: E731
+            results = [(t, t.plan) for t in (train_router(config, value, progress=progress, **training)
+                                             for value in lams)]
     except ValueError as e:  # a model without training data, a router for another pipeline
         raise UserError(str(e)) from None
-    if trained is not None and out:
-        trained.router.save(out, storage_options=storage_options_for(out) or None)
-        typer.echo(f"wrote router to {out} ({trained.router.training['wall_seconds']:.0f} s of training)")
-    plan.save(plan_out, storage_options=storage_options_for(plan_out) or None)
-    kept = plan.calibration["kept_per_cache_step"]
-    typer.echo(f"units recomputed per cache step (of {plan.calibration['units_per_step']}, noisy to clean): {kept}")
-    typer.echo(f"wrote L2C plan {plan.plan_id} to {plan_out} (ideal speedup {plan.summary()['ideal_speedup']:.2f}x)")
+    for value, (trained, plan) in zip(lams, results):
+        if trained is not None and out:
+            router_path = out.replace("{lam}", f"{value:g}")
+            trained.router.save(router_path, storage_options=storage_options_for(router_path) or None)
+            typer.echo(f"wrote router to {router_path} ({trained.router.training['wall_seconds']:.0f} s of training)")
+        plan_path = plan_out.replace("{lam}", f"{value:g}")
+        plan.save(plan_path, storage_options=storage_options_for(plan_path) or None)
+        kept = plan.calibration["kept_per_cache_step"]
+        typer.echo(f"units recomputed per cache step (of {plan.calibration['units_per_step']}, noisy to clean): "
+                   f"{kept}")
+        typer.echo(f"wrote L2C plan {plan.plan_id} to {plan_path} "
+                   f"(ideal speedup {plan.summary()['ideal_speedup']:.2f}x)")
 
 
 @plan_app.command("show", epilog=exit_codes(EXIT_BAD_INPUT))

@@ -258,6 +258,7 @@ def test_cli_ships_a_dicache_spec_and_refuses_a_plan_for_it():
         _shipped_policy(None, policy_name=None, dicache_threshold=0.2, dicache_batch_mode="row")
 
 
+@pytest.mark.slow  # Ray workers import torch and diffusers: about 20 s on an idle 2-core box
 def test_generate_job_runs_dicache_and_its_rows_count_what_ran(ray_local, tmp_path):
     from invardiff.policies import policy_spec_json
     from jobs.generate import run_generate

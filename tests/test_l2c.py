@@ -247,3 +247,30 @@ def test_cli_checks_that_policy_and_plan_agree():
     ]:
         with pytest.raises(UserError, match=message):
             _shipped_policy(plan_json, policy_name=name, **options)
+
+
+@pytest.mark.slow  # Ray workers import torch and diffusers: about 20 s on an idle 2-core box
+def test_lambda_sweep_trains_one_router_per_lambda_on_ray(ray_local):
+    from jobs.train_router import train_router_sweep
+    from pipelines.build import GeneratorConfig
+
+    config = GeneratorConfig(model="digits", num_inference_steps=4, device="cpu")
+    lams = [1e-3, 1e-5]
+    results = train_router_sweep(config, lams, workers=2, theta=0.1, iterations=2, batch_size=2, lr=0.2, seed=0)
+    assert [r.router.training["lambda"] for r in results] == lams  # in the order asked, whatever finished first
+    for trained in results:
+        assert trained.router.logits.shape == (4, 16)
+        assert trained.plan.calibration["method"] == "l2c" and trained.plan.num_steps == 4
+
+
+def test_train_router_command_refuses_a_sweep_without_a_path_per_lambda(tmp_path):
+    from typer.testing import CliRunner
+
+    from jobs.cli import UserError, app
+
+    result = CliRunner().invoke(
+        app, ["train-router", "--lam", "1e-4", "--lam", "1e-3", "--plan-out", str(tmp_path / "plan.json")]
+    )
+    assert isinstance(result.exception, UserError) and "{lam}" in str(result.exception)
+    result = CliRunner().invoke(app, ["train-router", "--from-router", "r.json", "--lam", "1e-4", "--plan-out", "p"])
+    assert isinstance(result.exception, UserError) and "no --lam" in str(result.exception)
