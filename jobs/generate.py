@@ -162,6 +162,7 @@ def run_generate(
     if max_attempts < 1:
         raise JobInputError(f"--max-attempts must be at least 1, got {max_attempts}")
     manifest = validate_manifest(manifest, schema)
+    _check_device(generator_config, address)
     signature = signature_for(generator_config, address)
     policy = make_policy(plan_json, num_steps=signature.num_inference_steps)
     if getattr(policy, "plan", None) is not None:
@@ -180,6 +181,18 @@ def run_generate(
         )
     finally:
         lease.release()
+
+
+def _check_device(config: GeneratorConfig, address: str | None) -> None:
+    """--device cuda for the embedded Ray on a machine without CUDA fails in every actor's constructor; say so
+    here instead (a cluster named by --address or $RAY_ADDRESS may well have GPUs: Ray counts them there)."""
+    if config.device != "cuda" or address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise JobInputError("--device cuda: this machine has no CUDA device (use --device cpu, or --address a "
+                            "cluster with GPUs)")
 
 
 def _interrupt_main() -> None:
@@ -325,6 +338,8 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
     from pipelines.build import class_names
 
     ensure_ray(address)
+    if not console.verbose():
+        _hide_ray_data_failure_reports()
     # Start generating only when the whole pool is up: otherwise the first actor to load the model
     # takes most blocks of a small job, and on a cluster a node that cannot start its actor would go
     # unnoticed while the job quietly runs at a fraction of its throughput.
@@ -367,6 +382,20 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
             ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
         )
     return workers, "cuda" if gpus else "cpu"
+
+
+class _FileOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True  # Ray Data's console handler drops hidden records; its log file keeps them
+        return True
+
+
+def _hide_ray_data_failure_reports() -> None:
+    """Keep Ray Data's report of a failed dataset (a full traceback) off the console: the run ends with the same
+    failure in one line (`one_line`), and the traceback stays in Ray Data's log file (--verbose shows it)."""
+    failure_log = logging.getLogger("ray.data.exceptions")
+    if not any(isinstance(f, _FileOnly) for f in failure_log.filters):
+        failure_log.addFilter(_FileOnly())
 
 
 def _stop_ray() -> None:

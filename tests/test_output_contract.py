@@ -212,6 +212,21 @@ def test_rerun_with_other_settings_or_other_seeds_is_refused_before_any_work(tmp
     assert snapshot(tmp_path) == before
 
 
+def test_cuda_without_a_cuda_device_is_refused_before_any_work(tmp_path, monkeypatch):
+    import torch
+
+    from jobs.errors import JobInputError
+    from jobs.generate import run_generate
+    from pipelines.build import GeneratorConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(JobInputError, match="--device cuda: this machine has no CUDA device"):
+        run_generate(class_manifest([1], 1, 0), str(tmp_path / "out"),
+                     GeneratorConfig(model="tiny-dit", num_inference_steps=2, device="cuda"), schema=DIGITS)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_is_found_by_the_lease_probe(s3_endpoint, s3_credentials, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     with pytest.raises(LocationError, match="s3://no-such-bucket/run is not writable"):
