@@ -4,8 +4,8 @@ operations the job's bookkeeping needs, with the same guarantees on a local disk
   * whole-object writes: a reader sees the old content or the new, never a mix (temp file + rename on a
     disk; a single PUT on S3, where objects appear whole or not at all);
   * exclusive create: O_EXCL on a disk, `If-None-Match: *` on S3 (s3fs mode="create");
-  * compare-and-swap: replace an object only if it still holds what we read (a rename of what we read,
-    checked, on a disk; `If-Match: <etag>` on S3);
+  * compare-and-swap: replace an object only if it still holds what we read (rename it aside, check it,
+    create the new one with O_EXCL on a disk; `If-Match: <etag>` on S3);
   * fresh listings: s3fs caches directory listings, and a cached listing taken before a write misses the
     files the write added.
 """
