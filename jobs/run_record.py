@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from jobs.errors import JobInputError
 from jobs.location import Location, LocationError
 
 RECORD_NAME = "_run.json"
@@ -29,10 +28,6 @@ RECORD_FORMAT = "invardiff-run/1"
 RUN_ID = re.compile(r"^r[0-9]{8}T[0-9]{6}Z[0-9a-f]{8}$")
 # Fields of the request that decide what an image looks like; model_id is only a name for the same weights.
 INFORMATIVE_FIELDS = ("model_id",)
-
-
-class RunRecordError(JobInputError):
-    """The location's record cannot be used: not an invardiff record, or written for another request."""
 
 
 def new_run_id() -> str:
