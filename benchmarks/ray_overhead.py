@@ -110,7 +110,7 @@ def ray_job(name: str, config, table, batch_size: int, workers: int, out: Path, 
         workers=workers, address=address,
     )
     ended = time.time()
-    if summary.errors or summary.rows_written != table.num_rows:
+    if not summary.complete or summary.rows_attempted != table.num_rows:
         raise RuntimeError(f"{name}: {summary}")
     rows = read_outputs(str(out), columns=["latency_s", "batch_size", "finished_at", "node_id"]).to_pandas()
     finished = rows["finished_at"].astype("int64") / 1e3  # ms -> s
