@@ -74,7 +74,10 @@ TINY = replace(
     batch_size=2,
     warmup_batch=1,
     calibration_runs=2,
-    presets=("fast",),
+    presets=("fast", "copy-fast"),
+    forecast_calibration_runs=2,
+    uniform_speedups=(3.0,),
+    taylorseer_warmups=(1,),
     tau_steps=(0.45,),
     mag_thresholds=(0.5,),
     step_intervals=(2,),
@@ -101,10 +104,12 @@ def test_bench_has_a_row_for_every_method(bench):
     rows = rows_by_name(result)
     expected = [
         "uncached",
-        "InvarDiff fast",
+        "InvarDiff copy-fast",
         "InvarDiff tau_step=0.45",
+        "uniform + forecast residual, 2 computed",
+        "uniform + forecast modules, 2 computed",
         "FirstBlockCache 0.1",
-        "TaylorSeer N=3 O=1",
+        "TaylorSeer N=3 O=1 W=1",
         "MagCache 0.5 K=3",
         "PAB attn every 2, t in (100, 800)",
         "FasterCache",
@@ -114,6 +119,10 @@ def test_bench_has_a_row_for_every_method(bench):
     ]
     for name in expected:
         assert name in rows, f"missing row {name!r}; rows: {sorted(rows)}"
+    # the forecast preset's row names the target calibration chose; 6 steps at 3x is 2 computed
+    fast = [name for name in rows if name.startswith("InvarDiff fast (forecast ")]
+    assert len(fast) == 1 and fast[0].endswith(", 2 computed)")
+    assert rows[fast[0]]["ideal_speedup"] == pytest.approx(3.0)
     assert any(r["kind"] == "cache-dit" for r in rows.values())
     assert rows["FasterCache"]["status"].startswith("not run:")
     for row in rows.values():
@@ -152,7 +161,7 @@ def test_static_baselines_evaluate_exactly_their_share(bench):
     assert rows["DDIM 3 steps"]["module_evals"] == full // 2
     assert rows["reuse step, compute every 2"]["module_evals"] == full // 2
     assert rows["FORA attn+ff, compute every 2"]["module_evals"] == full // 2
-    assert rows["TaylorSeer N=3 O=1"]["module_evals"] < full
+    assert rows["TaylorSeer N=3 O=1 W=1"]["module_evals"] < full
 
 
 def test_quality_and_speed_numbers_are_sane(bench):
