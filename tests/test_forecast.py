@@ -4,6 +4,7 @@ and calibration to a budget (method-forecast.md)."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 import json
 import math
 
@@ -400,3 +401,27 @@ def test_flux_forecast_plans_run_batch_invariant_and_match_the_recorder(target):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     copy_error, linear_error = recorder.errors()
     assert np.nanmin(copy_error) >= 0 and np.isfinite(copy_error[1:, 0]).all()
+
+
+V1_PLAN = Path(__file__).parent / "data" / "plan-v1-633f83d.json"
+
+
+@torch.no_grad()
+def test_a_format_1_plan_written_before_forecasting_loads_and_runs_exactly_as_before():
+    """The file was written by the code of commit 633f83d (format 1 only)."""
+    from invardiff import apply_invardiff, remove_invardiff
+    from invardiff_testing import ToyPlan
+
+    plan = Plan.load(V1_PLAN)
+    assert plan.mode == "paper" and plan.forecast is None and plan.plan_id == "91d669270358"
+    assert plan.to_json() == V1_PLAN.read_text()  # re-written byte for byte, checksum unchanged
+    # Run through the runtime, it computes what the same books did before: the paper path, not a forecast one.
+    model = tiny_dit()
+    x, labels = dit_inputs(2)
+    toy = ToyPlan(np.array(plan.step_gate), {f: np.array(b) for f, b in plan.modules.items()})
+    results = []
+    for p in (plan, toy):
+        apply_invardiff(model, p)
+        results.append(sample_dit(model, x, labels, STEPS)[-1])
+        remove_invardiff(model)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
