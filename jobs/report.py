@@ -725,7 +725,9 @@ def parse_storage_option(text: str) -> tuple[str, Any]:
 def report_command(
     out: str = typer.Argument(..., help="Run output: a directory, a .parquet file or an s3:// prefix"),
     report_dir: Path = typer.Option(..., "--out", help="Directory for report.md, report.html and PNGs"),
-    prices_file: Path | None = typer.Option(None, "--prices", help="Prices YAML (default configs/prices.yaml)"),
+    prices_file: Path | None = typer.Option(
+        None, "--prices", help="Prices YAML (default: jobs/prices.yaml, shipped with the package)"
+    ),
     price: list[str] | None = typer.Option(None, "--price", help="Override one price: DEVICE=USD_PER_HOUR"),
     baseline: str | None = typer.Option(None, "--baseline", help="Uncached run of the same manifest"),
     storage_option: list[str] | None = typer.Option(
