@@ -310,11 +310,11 @@ def _rich_bar(progress: Progress):
 
     class StatusColumn(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(progress.status())
+            return Text(progress.status(), no_wrap=True, overflow="ellipsis")
 
     return RichProgress(
         TextColumn("{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),  # leaves the status its room on an 80-column terminal
         StatusColumn(),
         console=Console(file=progress.stream, force_terminal=True),
         auto_refresh=False,  # redrawn on each update and tick: no thread of rich's own to outlive the job
