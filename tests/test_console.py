@@ -131,3 +131,29 @@ def test_phase_progress_gives_each_phase_its_own_line():
     lines = stream.getvalue().splitlines()
     assert [line.split(":")[0] for line in lines] == ["phase 1", "phase 1", "phase 2", "phase 2"]
     assert lines[1].startswith("phase 1: 16/16 runs") and lines[-1].endswith("done")
+
+
+@pytest.mark.slow
+def test_a_generate_run_prints_our_lines_and_not_rays(tmp_path):
+    """The console of a real (small) run, as a non-terminal sees it: progress lines, no Ray progress block, no
+    Ray INFO or token-auth lines, no core-worker warnings, no ANSI codes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    invardiff = Path(sys.executable).with_name("invardiff")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "INVARDIFF_"))}
+    result = subprocess.run(
+        [str(invardiff), "generate", "--model", "tiny-dit", "--steps", "4", "--classes", "0-1", "--per-class", "2",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    console_text = result.stdout + result.stderr
+    assert not ANSI.search(console_text)
+    assert "generate: 4/4 images" in result.stderr and "tiny-dit: 16x16, 4 steps" in result.stderr
+    for noise in ("Token authentication", "logging_progress", "streaming_executor", "Total Progress", "core_worker",
+                  "will hang", "WARNING"):  # fmt: skip
+        assert noise not in console_text, noise
+    assert "images/s end-to-end" in result.stdout
