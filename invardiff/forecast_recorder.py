@@ -63,6 +63,7 @@ class ForecastErrorRecorder:
         guidance_scale: float = 1.0,
         cfg_batched: bool = False,
         output_channels: int | None = None,
+        on_step=None,
     ) -> None:
         if target not in TARGETS:
             raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
@@ -77,6 +78,7 @@ class ForecastErrorRecorder:
         self.guidance_scale = float(guidance_scale)
         self.cfg_batched = cfg_batched
         self.output_channels = output_channels
+        self.on_step = on_step  # called with the number of steps recorded so far, for progress lines
         self.copy_error, self.linear_error = empty_errors(num_steps, max_gap)
         self.step = 0
         # What the hooks do in the call in flight: "capture" the true values, or "inject" a forecast.
@@ -143,6 +145,8 @@ class ForecastErrorRecorder:
         # Candidates reach back at most 2 (max_gap + 1) steps.
         self.history.pop(k - 2 * (self.max_gap + 1), None)
         self.step = k + 1
+        if self.on_step is not None:
+            self.on_step(self.step)
         return output
 
     def _forecast(self, k: int, b: int, a: int | None) -> dict[int, Any]:

@@ -447,10 +447,14 @@ def calibrate(
         what = f"{goal.speedup:g}x counted" if goal.speedup else f"relative error <= {goal.max_rel_error:g}"
         typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, "
                    f"forecast plan for {what}", err=True)  # fmt: skip
-        plan = calibrate_forecast(
-            generator, goal, requests, batch_size=batch_size or 16,
-            progress=lambda msg: typer.echo(f"  {msg}", err=True),
-        )  # fmt: skip
+        from jobs.console import PhaseProgress
+
+        # One line per phase: each target's candidate errors, counted in denoising steps (the slow part).
+        with PhaseProgress(unit="steps") as phases:
+            plan = calibrate_forecast(
+                generator, goal, requests, batch_size=batch_size or 16,
+                progress=lambda msg: (phases.close(), typer.echo(f"  {msg}", err=True)), on_steps=phases,
+            )  # fmt: skip
     else:
         typer.echo(f"calibrating {generator.model_id}: {runs} runs x {generator.num_inference_steps} steps, two phases", err=True)
         from jobs.console import PhaseProgress

@@ -53,8 +53,10 @@ def record_errors(
     max_gap: int,
     batch_size: int = 16,
     on_batch: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[Errors]:
-    """Candidate errors of ``target``, one (copy, linear) pair per chunk of ``batch_size`` runs, unscaled."""
+    """Candidate errors of ``target``, one (copy, linear) pair per chunk of ``batch_size`` runs, unscaled.
+    ``on_step(done, total)`` counts denoising steps over all chunks, for a progress line."""
     from invardiff.forecast_recorder import ForecastErrorRecorder
 
     signature = generator.signature()
@@ -63,8 +65,11 @@ def record_errors(
     config = generator.transformer.config
     learned_sigma = getattr(config, "out_channels", None) == 2 * getattr(config, "in_channels", -1)
     parts = []
+    steps = generator.num_inference_steps
+    total = steps * -(-len(requests) // batch_size)
     for start in range(0, len(requests), batch_size):
         batch = list(requests[start : start + batch_size])
+        offset = steps * (start // batch_size)
         with ForecastErrorRecorder(
             generator.transformer,
             num_steps=generator.num_inference_steps,
@@ -73,6 +78,7 @@ def record_errors(
             guidance_scale=signature.guidance_scale,
             cfg_batched=signature.guidance_mode == "cfg-batched",
             output_channels=config.in_channels if learned_sigma else None,
+            on_step=None if on_step is None else (lambda k, offset=offset: on_step(offset + k, total)),
         ) as recorder:
             generator.generate(batch)
             parts.append(recorder.errors())
@@ -119,6 +125,7 @@ def candidate_errors(
     targets: Sequence[str] = TARGETS,
     batch_size: int = 16,
     say: Callable[[str], None] = lambda _m: None,
+    on_steps: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Errors]:
     """{target: pooled candidate errors} over ``requests``; reusable across goals that need at most ``max_gap``."""
     from invardiff.forecast import pool_errors
@@ -127,7 +134,8 @@ def candidate_errors(
     for target in targets:
         parts = record_errors(
             generator, requests, target, max_gap, batch_size,
-            on_batch=lambda done, total, t=target: say(f"{t} candidate errors: {done}/{total} runs"),
+            on_batch=None if on_steps else (lambda done, total, t=target: say(f"{t} candidate errors: {done}/{total} runs")),
+            on_step=None if on_steps is None else (lambda done, total, t=target: on_steps(f"{t} candidate errors", done, total)),
         )  # fmt: skip
         errors[target] = pool_errors(parts)
     return errors
@@ -144,6 +152,7 @@ def calibrate_forecast(
     held_out: int = HELD_OUT_RUNS,
     errors: dict[str, Errors] | None = None,
     progress: Callable[[str], None] | None = None,
+    on_steps: Callable[[str, int, int], None] | None = None,
 ):
     """Forecast calibration in this process: record candidate errors per target, choose, check on held-out seeds.
     ``errors``: candidate errors from :func:`candidate_errors` on the same requests, to share across goals."""
@@ -155,7 +164,7 @@ def calibrate_forecast(
     if errors is None:
         errors = candidate_errors(
             generator, requests, goal.record_gap(signature.num_inference_steps), targets=targets,
-            batch_size=batch_size, say=say,
+            batch_size=batch_size, say=say, on_steps=on_steps,
         )  # fmt: skip
     errors = {t: errors[t] for t in targets}
     gains = sampler_gains(generator)
