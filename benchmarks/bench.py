@@ -236,7 +236,14 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
 
     from invardiff.forecast import computed_steps_for
     from invardiff.presets import FORECAST_PRESETS
-    from pipelines.forecast_calibration import RECORD_MAX_GAP_FOR_BOUND, ForecastTarget, calibrate_forecast, candidate_errors
+    from pipelines.forecast_calibration import (
+        PROPAGATION_RUNS,
+        RECORD_MAX_GAP_FOR_BOUND,
+        ForecastTarget,
+        calibrate_forecast,
+        candidate_errors,
+        propagation_gains,
+    )
 
     steps = generator.num_inference_steps
     signature = generator.signature()
@@ -250,9 +257,11 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
         f_requests = calibration_requests(generator, runs=config.forecast_calibration_runs)
         say(f"forecast candidate errors on {len(f_requests)} runs")
         errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND, say=say)
+        say("propagation gains")
+        gains = propagation_gains(generator, f_requests[:PROPAGATION_RUNS])
         for name in forecast_presets:
             goal = ForecastTarget(speedup=FORECAST_PRESETS[name], name=name)
-            plan = calibrate_forecast(generator, goal, f_requests, errors=errors, held_out=0)
+            plan = calibrate_forecast(generator, goal, f_requests, errors=errors, gains=gains, held_out=0)
             label = f"InvarDiff {name} (forecast {plan.forecast['target']}, {plan.forecast_schedule.num_computed} computed)"
             rows.append(Method(label, "invardiff", InvarDiffPolicy(plan)))
     for speedup in config.uniform_speedups:

@@ -97,10 +97,12 @@ def benchmark(args) -> dict[str, Any]:
     from invardiff.presets import FORECAST_PRESETS, is_forecast_preset
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, mean_of, record_rates
     from pipelines.forecast_calibration import (
+        PROPAGATION_RUNS,
         RECORD_MAX_GAP_FOR_BOUND,
         ForecastTarget,
         calibrate_forecast,
         candidate_errors,
+        propagation_gains,
     )
 
     generator = build_generator(GeneratorConfig(model="digits", device="cpu"))
@@ -123,7 +125,8 @@ def benchmark(args) -> dict[str, Any]:
             f_requests = calibration_requests(generator, runs=args.forecast_runs)
             if errors is None:
                 errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND)
-            plans[name] = calibrate_forecast(generator, goal, f_requests, errors=errors)
+                gains = propagation_gains(generator, f_requests[:PROPAGATION_RUNS])
+            plans[name] = calibrate_forecast(generator, goal, f_requests, errors=errors, gains=gains)
             plans[name].save(path)
             continue
         bundle = TauBundle.from_preset("dit", name)

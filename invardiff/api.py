@@ -263,7 +263,7 @@ def calibrate(
     from .forecast import pool_errors
     from .forecast_recorder import ForecastErrorRecorder
     from .presets import FORECAST_PRESETS
-    from .tuning import ForecastTarget, choose_plan, fit_parts, sampler_gains, with_held_out_check
+    from .tuning import PROPAGATION_RUNS, ForecastTarget, choose_plan, fit_parts, propagation_gains, with_held_out_check
 
     goals = [g for g in (preset, target_speedup, max_rel_error) if g is not None]
     if len(goals) != 1:
@@ -304,7 +304,13 @@ def calibrate(
                 parts.append(recorder.errors())
         errors[target] = pool_errors(parts)
         say(f"{target} candidate errors: {len(inputs)} runs")
-    gains = sampler_gains(pipe.scheduler, num_inference_steps)
+    first, first_seeds = inputs[:PROPAGATION_RUNS], seeds[:PROPAGATION_RUNS]
+    say(f"propagation gains on {len(first)} runs")
+    gains = propagation_gains(
+        transformer, lambda: runner.run(first, first_seeds), num_inference_steps,
+        cfg_batched=signature.guidance_mode == "cfg-batched",
+        output_channels=config.in_channels if learned_sigma else None,
+    )  # fmt: skip
 
     def evaluate(plan: Plan, chunk_list=chunks):
         parts = []

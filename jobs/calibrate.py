@@ -105,10 +105,10 @@ class CalibrationWorker:
 
         return chunk_index, measure_fit(self.generator, requests, plan, batch_size=len(requests))[0]
 
-    def sampler_gains(self):
-        from pipelines.forecast_calibration import sampler_gains
+    def propagation_gains(self, requests: list):
+        from pipelines.forecast_calibration import propagation_gains
 
-        return sampler_gains(self.generator)
+        return propagation_gains(self.generator, requests)
 
 
 @dataclass
@@ -356,7 +356,7 @@ class CalibrationJob:
         import ray
 
         from invardiff.forecast import pool_errors
-        from pipelines.forecast_calibration import TARGETS, choose_plan, with_held_out_check
+        from pipelines.forecast_calibration import PROPAGATION_RUNS, TARGETS, choose_plan, with_held_out_check
 
         started = time.perf_counter()
         gap = goal.record_gap(self.signature.num_inference_steps)
@@ -367,7 +367,8 @@ class CalibrationJob:
                 lambda actor, index, chunk, t=target: actor.record_forecast.remote(index, chunk, t, gap),
             )  # fmt: skip
             errors[target] = pool_errors(parts)
-        gains = ray.get(self._actors[0].sampler_gains.remote())
+        # One batch of the first runs on one worker: the same batch the single-process calibration measures.
+        gains = ray.get(self._actors[0].propagation_gains.remote(self.requests[:PROPAGATION_RUNS]))
 
         def evaluate(plan, requests=None):
             plan_ref = ray.put(plan)
@@ -381,6 +382,7 @@ class CalibrationJob:
             "inputs": [r.class_label if r.class_label is not None else r.prompt for r in self.requests],
             "seeds": [int(r.seed) for r in self.requests],
             "batch_size": self.batch_size,
+            "weighting": "final",
         }
         plan = choose_plan(self.signature, goal, errors, gains, evaluate, orders=orders, record=record, say=self.say)
         if held_out:

@@ -12,11 +12,13 @@ that are combined in chunk order, which keeps the plan identical for any number 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from invardiff.tuning import (  # noqa: F401 - re-exported: the job and the benchmarks import them from here
+    PROPAGATION_RUNS,
     RECORD_MAX_GAP_FOR_BOUND,
     TARGETS,
     Errors,
@@ -153,9 +155,15 @@ def calibrate_forecast(
     errors: dict[str, Errors] | None = None,
     progress: Callable[[str], None] | None = None,
     on_steps: Callable[[str, int, int], None] | None = None,
+    weighting: str = "final",
+    gains: np.ndarray | None = None,
 ):
     """Forecast calibration in this process: record candidate errors per target, choose, check on held-out seeds.
-    ``errors``: candidate errors from :func:`candidate_errors` on the same requests, to share across goals."""
+    ``errors``: candidate errors from :func:`candidate_errors` on the same requests, to share across goals.
+    ``weighting``: "final" weighs each candidate's error by how much it grows by the end of sampling
+    (:func:`propagation_gains`, the default); "step" by the sampler step alone (the method doc's first version)."""
+    if weighting not in ("final", "step"):
+        raise ValueError(f"weighting must be 'final' or 'step', got {weighting!r}")
     from pipelines.calibration import calibration_requests
 
     say = progress or (lambda _m: None)
@@ -167,12 +175,19 @@ def calibrate_forecast(
             batch_size=batch_size, say=say, on_steps=on_steps,
         )  # fmt: skip
     errors = {t: errors[t] for t in targets}
-    gains = sampler_gains(generator)
+    if gains is not None:
+        pass  # measured by the caller on these requests, shared across goals
+    elif weighting == "final":
+        say(f"propagation gains on {min(PROPAGATION_RUNS, len(requests))} runs")
+        gains = propagation_gains(generator, requests[:PROPAGATION_RUNS])
+    else:
+        gains = sampler_gains(generator)
     record = {
         "runs": len(requests),
         "inputs": [r.class_label if r.class_label is not None else r.prompt for r in requests],
         "seeds": [int(r.seed) for r in requests],
         "batch_size": batch_size,
+        "weighting": weighting,
     }
     plan = choose_plan(
         signature, goal, errors, gains, lambda p: measure_fit(generator, requests, p, batch_size),
@@ -182,3 +197,18 @@ def calibrate_forecast(
         checks = held_out_requests(generator, held_out)
         plan = with_held_out_check(plan, measure_fit(generator, checks, plan, batch_size), goal, [r.seed for r in checks])
     return plan
+
+
+
+def propagation_gains(generator: Generator, requests: Sequence[Request]) -> np.ndarray:
+    """`invardiff.tuning.propagation_gains` for one of our generators, over ``requests`` as one batch."""
+    from invardiff.tuning import propagation_gains as measure
+
+    signature = generator.signature()
+    config = generator.transformer.config
+    learned_sigma = getattr(config, "out_channels", None) == 2 * getattr(config, "in_channels", -1)
+    return measure(
+        generator.transformer, lambda: generator.generate(list(requests)).final, generator.num_inference_steps,
+        cfg_batched=signature.guidance_mode == "cfg-batched",
+        output_channels=config.in_channels if learned_sigma else None,
+    )  # fmt: skip
