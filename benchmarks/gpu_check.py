@@ -173,10 +173,15 @@ def _random_init(make: Callable[[], torch.nn.Module], config: CheckConfig) -> to
         torch.set_default_dtype(DTYPES[config.dtype])
         try:
             with torch.device(config.device):
-                # the cast catches buffers a constructor makes in float32 whatever the default (positional tables)
-                return make().to(DTYPES[config.dtype]).eval()
+                model = make().eval()
         finally:
             torch.set_default_dtype(previous)
+    # Buffers a constructor makes in float32 whatever the default (positional tables) follow the weights. Cast here
+    # rather than with `model.to(dtype)`, which makes diffusers 0.42 warn about fp32-pinned modules it does not have.
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(DTYPES[config.dtype])
+    return model
 
 
 def _config_fingerprint(architecture: str, model_config: dict) -> str:
@@ -636,13 +641,17 @@ def flux_rows(generator, config: CheckConfig, say) -> list[Row]:
 def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callable[[str], None] = print) -> dict:
     budget = Budget(config.budget_s)
     out.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:  # timestamped: the device run's log is all a later session sees of its pace
+        say(f"[{budget.elapsed():4.0f} s] {message}")
+
     results: list[dict] = []
     skipped: list[dict] = []
     notes: list[str] = []
 
     def run(groups: list[Group]) -> None:
         for group in groups:
-            rows, skips = run_group(group, config, budget, say)
+            rows, skips = run_group(group, config, budget, log)
             results.extend(rows)
             skipped.extend(skips)
             write(out, report(config, command, budget, results, skipped, notes))  # a killed run keeps what it did
@@ -650,13 +659,13 @@ def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callabl
     # Order: what the targets need first (DiT batch 8, FLUX), then DiT batch 32, then the compiled rows, whose
     # compile time is the least predictable. Both models stay on the device (1.4 + 24 GB in bf16).
     dit = build_dit(config)
-    dit_eager, dit_compiled = dit_rows(dit, config, say)
+    dit_eager, dit_compiled = dit_rows(dit, config, log)
     run([Group(dit.model_id, dit, config.dit_batches[0], False, dit_eager)])
     flux = build_flux(config) if budget.allows(0.0) else None
     if flux is None:
         notes.append("FLUX not built: the time budget was spent")
     else:
-        flux_eager = flux_rows(flux, config, say)
+        flux_eager = flux_rows(flux, config, log)
         run([Group(flux.model_id, flux, 1, False, flux_eager)])
     run([Group(dit.model_id, dit, b, False, dit_eager) for b in config.dit_batches[1:]])
     run([Group(dit.model_id, dit, config.dit_batches[0], True, dit_compiled)])
@@ -665,7 +674,7 @@ def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callabl
 
     result = report(config, command, budget, results, skipped, notes)
     write(out, result)
-    say(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {budget.elapsed():.0f} s")
+    log(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {budget.elapsed():.0f} s")
     return result
 
 
