@@ -227,7 +227,8 @@ def choose_plan(
         "computed_steps": num_computed,
         "max_gap": rows[chosen]["max_gap"],
         "orders_allowed": list(orders),
-        "error": "squared error of x_{k+1}, summed over calibration runs",
+        "error": "squared error of the guided model output at the gated step, summed over calibration runs, times "
+        "the squared per-step gain (weighting: final = growth to the final sample, step = the next sampler state)",
         "candidates": {
             t: {"dp_error": r["dp_error"], "calibration_rel_err": r["rel_err"]} for t, r in rows.items()
         },
