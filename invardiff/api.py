@@ -330,6 +330,7 @@ def calibrate(
         "seeds": seeds,
         "batch_size": batch_size,
         "via": "invardiff.calibrate",
+        "weighting": "final",
     }
     record["inputs"] = [int(i) if isinstance(i, (int, np.integer)) else i for i in record["inputs"]]
     plan = choose_plan(signature, goal, errors, gains, evaluate, record=record, say=say)
