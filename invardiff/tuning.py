@@ -84,6 +84,7 @@ def propagation_gains(
     cfg_batched: bool = False,
     output_channels: int | None = None,
     relative: float = 1e-3,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Per step k, how much an error in the guided model output at step k grows by the end of sampling:
     ``sqrt(||x_final' - x_final||^2 / ||delta||^2)`` for a small random ``delta`` added to step k's output.
@@ -116,6 +117,8 @@ def propagation_gains(
         finally:
             handle.remove()
         gains[k] = math.sqrt(float(((final - reference) ** 2).sum()) / state["energy"]) if state["energy"] else 0.0
+        if on_step is not None:
+            on_step(k + 1, num_steps)
     return gains
 
 

@@ -178,8 +178,13 @@ def calibrate_forecast(
     if gains is not None:
         pass  # measured by the caller on these requests, shared across goals
     elif weighting == "final":
-        say(f"propagation gains on {min(PROPAGATION_RUNS, len(requests))} runs")
-        gains = propagation_gains(generator, requests[:PROPAGATION_RUNS])
+        label = f"propagation gains ({min(PROPAGATION_RUNS, len(requests))} runs, one generation per step)"
+        if on_steps is None:
+            say(label)
+        gains = propagation_gains(
+            generator, requests[:PROPAGATION_RUNS],
+            on_step=None if on_steps is None else (lambda done, total: on_steps(label, done, total)),
+        )  # fmt: skip
     else:
         gains = sampler_gains(generator)
     record = {
@@ -200,7 +205,9 @@ def calibrate_forecast(
 
 
 
-def propagation_gains(generator: Generator, requests: Sequence[Request]) -> np.ndarray:
+def propagation_gains(
+    generator: Generator, requests: Sequence[Request], on_step: Callable[[int, int], None] | None = None
+) -> np.ndarray:
     """`invardiff.tuning.propagation_gains` for one of our generators, over ``requests`` as one batch."""
     from invardiff.tuning import propagation_gains as measure
 
@@ -210,5 +217,5 @@ def propagation_gains(generator: Generator, requests: Sequence[Request]) -> np.n
     return measure(
         generator.transformer, lambda: generator.generate(list(requests)).final, generator.num_inference_steps,
         cfg_batched=signature.guidance_mode == "cfg-batched",
-        output_channels=config.in_channels if learned_sigma else None,
+        output_channels=config.in_channels if learned_sigma else None, on_step=on_step,
     )  # fmt: skip
