@@ -58,7 +58,8 @@ def exit_codes(*codes: str) -> str:
 
 MODEL_HELP = (
     "Model: 'digits' (embedded class-conditional DiT, the default), 'tiny-dit', 'tiny-flux', or a "
-    "diffusers-layout DiT-XL/2 or FLUX.1 checkpoint as a local path or URI (s3://...)."
+    "diffusers-layout DiT-XL/2 or FLUX.1 checkpoint as a local path or URI (s3://...). 'loadtest[:SECONDS]' "
+    "is no model: a stand-in costing SECONDS per batch (default 0), to measure the job's own capacity."
 )
 
 
@@ -87,6 +88,14 @@ def _manifest_schema(model: str):
         return ManifestSchema("class_label", num_classes=digits.NUM_CLASSES)
     if model == "tiny-flux":
         return ManifestSchema("prompt")
+    from pipelines import loadtest
+
+    if loadtest.is_loadtest(model):
+        try:
+            loadtest.batch_seconds(model)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return ManifestSchema("class_label", num_classes=loadtest.NUM_CLASSES)
     if model == "tiny-dit":
         from pipelines.tiny import tiny_dit
 

@@ -4,6 +4,8 @@ A spec is one of:
   digits            the embedded class-conditional digits DiT (the default everywhere)
   tiny-dit          a tiny random-init DiT (tests, smoke runs)
   tiny-flux         a tiny random-init FLUX pipeline with offline text encoders (tests, smoke runs)
+  loadtest[:S]      no model: a constant-cost stand-in (S seconds per batch, default 0) that measures the
+                    job's own capacity (pipelines/loadtest.py); never a default
   PATH or URI       a diffusers-layout checkpoint (DiT-XL/2 or FLUX.1), local or any fsspec URI such as s3://
 """
 
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipelines import digits
+from pipelines import digits, loadtest
 
-EMBEDDED_MODELS = ("digits", "tiny-dit", "tiny-flux")
+EMBEDDED_MODELS = ("digits", "tiny-dit", "tiny-flux", "loadtest")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +59,13 @@ def build_generator(config: GeneratorConfig):
         return _digits_generator(config)
     if config.model == "tiny-dit":
         return _tiny_dit_generator(config)
+    if loadtest.is_loadtest(config.model):
+        return loadtest.LoadTestGenerator(
+            seconds_per_batch=loadtest.batch_seconds(config.model),
+            num_inference_steps=config.num_inference_steps or 50,
+            model_id=config.model,
+            device=config.resolved_device(),
+        )
     if config.model == "tiny-flux":
         from pipelines.flux import tiny_flux_pipeline
 
