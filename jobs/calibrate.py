@@ -424,14 +424,17 @@ def publish(store, plan, *, gate=None, say: Callable[[str], None] = lambda _m: N
     """Write ``plan`` as a new version; compare with the key's latest; move ``latest`` if it validates and the
     drift is within ``gate`` (a :class:`jobs.drift.DriftGate`; None promotes unconditionally)."""
     from jobs.drift import compare_plans, drift_markdown, drift_png
-    from jobs.plan_store import store_key
+    from jobs.plan_store import PromotionConflict, store_key
 
     key = store_key(plan.signature)
     previous = store.latest(key)
     version = store.write(plan)  # validated read-back; raises (and cleans up) on failure
     say(f"wrote {store.url(key, version.relpath)}")
     if previous is None:
-        store.promote(version)
+        try:
+            store.promote(version, replacing=None)
+        except PromotionConflict as e:  # another first calibration of this key promoted while this one ran
+            return Outcome(key, "rejected", plan.plan_id, version.name, [str(e)])
         return Outcome(key, "first", plan.plan_id, version.name)
     drift = compare_plans(previous, plan)
     reasons = gate.reasons(drift) if gate is not None else []
@@ -440,7 +443,10 @@ def publish(store, plan, *, gate=None, say: Callable[[str], None] = lambda _m: N
     reports = store.write_report(version, markdown, drift_png(previous, plan))
     if reasons:
         return Outcome(key, "rejected", plan.plan_id, version.name, reasons, reports, drift)
-    store.promote(version)
+    try:
+        store.promote(version, replacing=previous)  # only if latest is still the plan this one was compared with
+    except PromotionConflict as e:
+        return Outcome(key, "rejected", plan.plan_id, version.name, [str(e)], reports, drift)
     return Outcome(key, "promoted", plan.plan_id, version.name, [], reports, drift)
 
 

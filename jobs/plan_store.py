@@ -11,12 +11,21 @@ The pointer moves only after the new plan was written, read back and validated, 
 a rename on a local disk, a single PUT on S3 (objects appear whole or not at all). A crash at any point leaves
 the previous pointer in place. Readers also check the pointer's checksum against the plan it names.
 
+Moving the pointer is a compare-and-swap: `promote(version, replacing=plan)` moves it only if it still names
+`plan` (the one the new version was compared with; None: only if there is no pointer yet). Of two refreshes of
+one key racing, the second finds the pointer moved and gets a PromotionConflict naming the winner; its version
+stays in the store, unpromoted. On S3 the swap is one conditional PUT (`If-Match` / `If-None-Match: *`, as the
+output lease, jobs/location.py); on a local disk the check and the rename run under an flock on a hidden lock
+file, which the kernel releases if the process dies, and readers, which take no lock, still see the old pointer
+or the new, never none.
+
 Credentials are never passed in or stored: s3fs reads them from the standard AWS environment variables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import posixpath
@@ -36,11 +45,17 @@ POINTER_FORMAT = "invardiff-plan-pointer/1"
 # never make a reader open a file outside its key's plans/ folder.
 VERSION_NAME = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}$")
 LATEST = "latest.json"
+POINTER_LOCK = ".latest.json.lock"  # local disks only: serialises pointer swaps (hidden: not a version, not a key)
+PROMOTE_ATTEMPTS = 5  # swaps lost to a writer that left the pointer naming the same plan (a re-promotion): retried
 STORE_ENV = "INVARDIFF_PLAN_STORE"
 
 
 class StoreError(JobInputError):
     """A store that cannot be used as asked: unknown URI, unreachable bucket, missing or corrupt latest pointer."""
+
+
+class PromotionConflict(StoreError):
+    """The pointer moved (another refresh promoted) since the plan being promoted was compared with it."""
 
 
 def store_key(signature: PipelineSignature) -> str:
@@ -145,11 +160,25 @@ class PlanStore:
         return sorted(Version(key, n.removesuffix(".json")) for n in names if n.endswith(".json") and not n.startswith("."))
 
     def pointer(self, key: str) -> Pointer | None:
+        return self._decode_pointer(key, self._pointer_bytes(key))
+
+    def _pointer_bytes(self, key: str) -> bytes | None:
         path = self._path(key, LATEST)
-        if not self.fs.exists(path):
+        self.fs.invalidate_cache(path)  # s3fs caches listings: a pointer another process moved must be seen
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except IsADirectoryError:
+            raise StoreError(f"plan store {self.uri}: latest pointer of key {key} is a folder, not a file") from None
+        except OSError as e:
+            raise StoreError(f"plan store {self.uri}: latest pointer of key {key} cannot be read ({e})") from None
+
+    def _decode_pointer(self, key: str, data: bytes | None) -> Pointer | None:
+        if data is None:
             return None
         try:
-            doc = json.loads(self.fs.cat_file(path))
+            doc = json.loads(data)
             if not isinstance(doc, dict) or doc.get("format") != POINTER_FORMAT:
                 raise ValueError(f"format {doc.get('format') if isinstance(doc, dict) else None!r}")
             pointer = Pointer(**{k: doc[k] for k in ("key", "version", "plan_id", "checksum", "promoted_at")})
@@ -158,9 +187,7 @@ class PlanStore:
             if not isinstance(pointer.version, str) or not VERSION_NAME.match(pointer.version):
                 raise ValueError(f"version {pointer.version!r} is not a version name of this store")
             return pointer
-        except IsADirectoryError:
-            raise StoreError(f"plan store {self.uri}: latest pointer of key {key} is a folder, not a file") from None
-        except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise StoreError(f"plan store {self.uri}: latest pointer of key {key} is corrupt ({e})") from None
 
     def load(self, version: Version) -> Plan:
@@ -222,8 +249,10 @@ class PlanStore:
             raise
         return version
 
-    def promote(self, version: Version) -> Pointer:
-        """Point ``latest`` at an already written version, after validating it once more."""
+    def promote(self, version: Version, *, replacing: Plan | None) -> Pointer:
+        """Point ``latest`` at an already written version, after validating it once more, if ``latest`` still
+        names ``replacing`` (None: if the key has no latest yet). Otherwise PromotionConflict, the pointer as the
+        other writer left it, and the version stays in the store unpromoted."""
         plan = self.load(version)
         pointer = Pointer(
             key=version.key,
@@ -233,8 +262,50 @@ class PlanStore:
             promoted_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )
         doc = {"format": POINTER_FORMAT, **pointer.__dict__, "path": version.relpath}
-        self._put(self._path(version.key, LATEST), (json.dumps(doc, indent=2) + "\n").encode())
-        return pointer
+        data = (json.dumps(doc, indent=2) + "\n").encode()
+        for _ in range(PROMOTE_ATTEMPTS):
+            current = self._pointer_bytes(version.key)
+            self._check_names(version, self._decode_pointer(version.key, current), replacing)
+            if self._swap_pointer(version.key, current, data):
+                return pointer
+        raise PromotionConflict(
+            f"plan store {self.uri}: latest of key {version.key} keeps changing while promoting {version.name}; "
+            "another refresh is promoting there"
+        )
+
+    def _check_names(self, version: Version, current: Pointer | None, replacing: Plan | None) -> None:
+        if replacing is None and current is None:
+            return
+        if replacing is not None and current is not None and (current.plan_id, current.checksum) == (
+            replacing.plan_id, replacing.checksum
+        ):
+            return
+        was = f"plan {replacing.plan_id}" if replacing is not None else "no plan"
+        now = f"{current.version} (promoted {current.promoted_at})" if current is not None else "nothing"
+        raise PromotionConflict(
+            f"plan store {self.uri}: latest of key {version.key} moved from {was} to {now} while this refresh ran; "
+            f"{version.name} stays in the store, not promoted (refresh again to compare with the new latest)"
+        )
+
+    def _swap_pointer(self, key: str, expected: bytes | None, data: bytes) -> bool:
+        """Replace the pointer with `data` if it still holds `expected` (None: absent); False if it changed."""
+        if not self.local:
+            from jobs.location import Location
+
+            location = Location(self.url(key))
+            if expected is None:
+                return location.create_exclusive(LATEST, data)
+            return location.swap(LATEST, expected, data)
+        # Location.swap on a disk renames the old file aside first, so for an instant there is no pointer: a
+        # reader resolving `--plan latest` then would fail. Here the check and an atomic rename run under a lock.
+        folder = self._path(key)
+        self.fs.makedirs(folder, exist_ok=True)
+        with open(posixpath.join(folder, POINTER_LOCK), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or by the kernel if this process dies
+            if self._pointer_bytes(key) != expected:
+                return False
+            self._put(self._path(key, LATEST), data)
+            return True
 
     def write_report(self, version: Version, markdown: str, png: bytes | None) -> list[str]:
         base = f"reports/{version.name}-drift"

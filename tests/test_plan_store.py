@@ -140,7 +140,7 @@ def test_failed_write_leaves_latest_and_no_half_plan(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / key / "plans").iterdir()) == before  # the half plan was removed
 
     # a crash between the validated write and the pointer move: latest still names the old plan
-    monkeypatch.setattr(PlanStore, "promote", lambda self, version: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(PlanStore, "promote", lambda self, version, **_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         publish(store, make_plan(3, created="2026-11-27T02:00:00Z"))
     monkeypatch.undo()
