@@ -18,6 +18,7 @@ _EXPORTS = {
     "enable": "api",
     "disable": "api",
     "calibrate": "api",
+    "compile_blocks": "compile",
     "pipeline_signature": "api",
     "PlanCallMismatch": "api",
     "Plan": "plan",
@@ -63,6 +64,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .api import PlanCallMismatch, calibrate, disable, enable, pipeline_signature
+    from .compile import compile_blocks
     from .plan import PipelineSignature, Plan, PlanError, PlanMismatchError
     from .tuning import ForecastTarget
     from .adapters import UnsupportedModelError, get_adapter, layers

@@ -21,6 +21,9 @@ adds the forecast residual `H - E` to it (the blocks pass through as on a paper-
 batch-invariant and deterministic. Memory: two tensors per forecast value (the last value and its difference
 to the one before), as TaylorSeer's order 1 keeps.
 
+`invardiff.compile.compile_blocks` compiles what the block and module hooks compute (`_ComputingHook.compute`)
+and leaves their decisions eager, so a static plan compiles once per shape instead of once per step.
+
 Everything the hooks decide at run time is precomputed from the plan at `apply_invardiff` time into lists of
 Python bools and floats, so the hot path makes no host-device syncs and no data-dependent branches.
 """
@@ -365,7 +368,20 @@ class InvarDiffStackInputHook(ModelHook):
         return embedded
 
 
-class InvarDiffBlockHook(ModelHook):
+class _ComputingHook(ModelHook):
+    """A hook whose computing path `invardiff.compile.compile_blocks` may swap for a compiled one: the decision
+    around it stays in Python, outside any compiled region, so dynamo never guards on the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compiled_forward = None
+
+    def compute(self, *args, **kwargs):
+        forward = self.compiled_forward if self.compiled_forward is not None else self.fn_ref.original_forward
+        return forward(*args, **kwargs)
+
+
+class InvarDiffBlockHook(_ComputingHook):
     def __init__(self, runtime: InvarDiffRuntime, is_last: bool) -> None:
         super().__init__()
         self.runtime = runtime
@@ -375,10 +391,10 @@ class InvarDiffBlockHook(ModelHook):
         runtime = self.runtime
         state = runtime.active
         if state is None:  # called outside a transformer call
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         if runtime.gated:
             return runtime.adapter.block_passthrough(args, kwargs)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = self.compute(*args, **kwargs)
         if self.is_last:
             if runtime.schedule.track_residual:
                 # h_last holds the residual r = H - E here, diffs[-1] its change since the previous computed step
@@ -392,7 +408,7 @@ class InvarDiffBlockHook(ModelHook):
         return output
 
 
-class InvarDiffModuleHook(ModelHook):
+class InvarDiffModuleHook(_ComputingHook):
     def __init__(self, runtime: InvarDiffRuntime, site_index: int) -> None:
         super().__init__()
         self.runtime = runtime
@@ -402,7 +418,7 @@ class InvarDiffModuleHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         state = self.runtime.active
         if state is None:  # called outside a transformer call
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compute(*args, **kwargs)
         step = state.step
         schedule = self.schedule
         if schedule.track:
@@ -413,7 +429,7 @@ class InvarDiffModuleHook(ModelHook):
                 name = self.runtime.sites[self.site_index].name
                 raise RuntimeError(f"InvarDiff: {name} should reuse at step {step} but holds no output.")
         else:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = self.compute(*args, **kwargs)
         if schedule.keep[step]:
             state.slots[self.site_index] = output
         else:
@@ -431,7 +447,7 @@ class InvarDiffModuleHook(ModelHook):
                 name = self.runtime.sites[index].name
                 raise RuntimeError(f"InvarDiff: {name} should forecast at step {step} but holds no output.")
             return last if gain is None else _extrapolate(last, state.diffs.get(index), gain)
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = self.compute(*args, **kwargs)
         if last is not None:
             state.diffs[index] = _difference(output, last)
         state.slots[index] = output
