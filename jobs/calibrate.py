@@ -20,6 +20,7 @@ so a chunk that is somehow delivered twice is still counted once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -104,6 +105,11 @@ class CalibrationWorker:
         from pipelines.forecast_calibration import measure_fit
 
         return chunk_index, measure_fit(self.generator, requests, plan, batch_size=len(requests))[0]
+
+    def shadow_psnrs(self, chunk_index: int, requests: list, plans: list):
+        from pipelines.shadow import plan_psnrs
+
+        return chunk_index, plan_psnrs(self.generator, requests, plans)
 
     def propagation_gains(self, requests: list):
         from pipelines.forecast_calibration import propagation_gains
@@ -393,6 +399,23 @@ class CalibrationJob:
         return plan
 
 
+    def measure_fidelity(self, current, candidate, runs: int = 8):
+        """Both plans against uncached on the first `runs` held-out requests (seeds no calibration run uses), chunk
+        by chunk on the workers: the refresh's quality gate (pipelines.shadow.PlanFidelity)."""
+        import ray
+
+        from pipelines.shadow import compare_fidelity
+
+        plans_ref = ray.put([current, candidate])
+        parts = self.map_chunks(
+            "held-out shadows", self.held_out[:runs],
+            lambda actor, index, chunk: actor.shadow_psnrs.remote(index, chunk, plans_ref),
+        )  # fmt: skip
+        current_psnr = [p for part in parts for p in part[0]]
+        candidate_psnr = [p for part in parts for p in part[1]]
+        return compare_fidelity(current_psnr, candidate_psnr)
+
+
 def start_workers(config: GeneratorConfig, workers: int, address: str | None = None, torch_threads: int | None = None) -> list:
     """Start calibration actors to share between several jobs (benchmarks, tests): the model loads once per
     actor, not once per job. Pass them as ``CalibrationJob(..., actors=...)``; kill them when done."""
@@ -420,9 +443,10 @@ class Outcome:
         return self.status in ("promoted", "first")
 
 
-def publish(store, plan, *, gate=None, say: Callable[[str], None] = lambda _m: None) -> Outcome:
+def publish(store, plan, *, gate=None, say: Callable[[str], None] = lambda _m: None, fidelity=None) -> Outcome:
     """Write ``plan`` as a new version; compare with the key's latest; move ``latest`` if it validates and the
-    drift is within ``gate`` (a :class:`jobs.drift.DriftGate`; None promotes unconditionally)."""
+    drift is within ``gate`` (a :class:`jobs.drift.DriftGate`; None promotes unconditionally). ``fidelity``: both
+    plans measured against uncached on held-out requests (a pipelines.shadow.PlanFidelity), gated and reported."""
     from jobs.drift import compare_plans, drift_markdown, drift_png
     from jobs.plan_store import PromotionConflict, store_key
 
@@ -437,6 +461,8 @@ def publish(store, plan, *, gate=None, say: Callable[[str], None] = lambda _m: N
             return Outcome(key, "rejected", plan.plan_id, version.name, [str(e)])
         return Outcome(key, "first", plan.plan_id, version.name)
     drift = compare_plans(previous, plan)
+    if fidelity is not None:
+        drift = dataclasses.replace(drift, fidelity=fidelity)
     reasons = gate.reasons(drift) if gate is not None else []
     png_name = f"{version.name}-drift.png"
     markdown = drift_markdown(drift, key=key, promoted=not reasons, reasons=reasons, png_name=png_name)
@@ -464,6 +490,11 @@ def format_outcome(outcome: Outcome, store_uri: str) -> str:
             f"drift vs {d.old_plan_id}: Jaccard {jac}; gated steps +{d.gates_added} -{d.gates_removed}; "
             f"ideal speedup {d.speedup_old:.2f}x -> {d.speedup_new:.2f}x"
         )
+        if d.fidelity is not None:
+            lines.append(
+                f"fidelity on {d.fidelity.runs} held-out shadow runs: mean PSNR to uncached "
+                f"{d.fidelity.current_psnr:.2f} dB -> {d.fidelity.candidate_psnr:.2f} dB"
+            )
     lines += [f"wrote {path}" for path in outcome.reports]
     if outcome.status == "first":
         lines.append(f"promoted {outcome.version} to latest of key {outcome.key} (first plan for this key)")
@@ -504,6 +535,7 @@ def run_calibrate_job(
         config, workers=workers, runs=runs, seed=seed, batch_size=batch_size, address=address,
         progress=say, crash_once_marker=crash_once_marker, actors=actors,
     )
+    previous = None  # the store's latest plan, which a refreshed one is measured against
     with job:
         bundle = make_bundle(job.architecture)
         if store is not None:
@@ -512,6 +544,7 @@ def run_calibrate_job(
             # Read (and verify) the current latest before spending the compute: a corrupt pointer stops here.
             key = store_key(job.signature)
             existing = store.latest(key)
+            previous = existing
             if existing is not None and not refresh:
                 return None, Outcome(key, "skipped", existing.plan_id), job.stats
         say(
@@ -523,12 +556,16 @@ def run_calibrate_job(
             plan = job.calibrate_forecast(bundle)
         else:
             plan = job.calibrate(bundle, provisional_mode)
+        fidelity = None
+        if previous is not None and gate is not None and gate.max_psnr_drop is not None:
+            say(f"measuring both plans against uncached on {gate.quality_runs} held-out shadow runs")
+            fidelity = job.measure_fidelity(previous, plan, runs=gate.quality_runs)
     if out:
         from jobs.ray_runtime import storage_options_for
 
         plan.save(out, storage_options=storage_options_for(out) or None)
         say(f"wrote plan {plan.plan_id} to {out}")
-    outcome = publish(store, plan, gate=gate, say=say) if store is not None else None
+    outcome = publish(store, plan, gate=gate, say=say, fidelity=fidelity) if store is not None else None
     return plan, outcome, job.stats
 
 
@@ -544,6 +581,7 @@ def calibrate_command(
     min_jaccard: float,
     max_speedup_change: float,
     runs: int,
+    max_psnr_drop: float | None = None,
     seed: int,
     batch_size: int | None,
     provisional_mode: str,
@@ -571,7 +609,8 @@ def calibrate_command(
     plan, outcome, stats = run_calibrate_job(
         config, make_bundle, workers=workers, runs=runs, seed=seed, batch_size=batch_size,
         provisional_mode=provisional_mode, store=plan_store, refresh=refresh,
-        gate=DriftGate(min_jaccard=min_jaccard, max_speedup_change=max_speedup_change), out=out,
+        gate=DriftGate(min_jaccard=min_jaccard, max_speedup_change=max_speedup_change, max_psnr_drop=max_psnr_drop),
+        out=out,
         address=address, progress=say,
     )
     if plan is not None:

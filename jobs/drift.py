@@ -1,7 +1,9 @@
 """How far a freshly calibrated plan moved from the one in service: pure numbers, then a Markdown + PNG report.
 
 The math functions take arrays and return numbers, so they are tested without Ray, I/O or a model. The nightly
-refresh (`jobs/calibrate.py`) gates promotion on :class:`DriftGate` and stores the report next to the new plan.
+refresh (`jobs/calibrate.py`) gates promotion on :class:`DriftGate` and stores the report next to the new plan:
+how far the plans moved (Jaccard, ideal speedup) and, measured on the workers, how far their fidelity moved
+(both plans against uncached on held-out shadow requests, pipelines/shadow.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from invardiff.calibration import STEP, bits, effective_modules, ideal_speedup
+from pipelines.shadow import PlanFidelity
 
 # --------------------------------------------------------------------------------------------------
 # Pure math
@@ -88,6 +91,8 @@ class Drift:
     speedup_old: float
     speedup_new: float
     taus_changed: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Measured, not derived from the plans: both plans against uncached on held-out requests (refresh only).
+    fidelity: PlanFidelity | None = None
 
     @property
     def min_jaccard(self) -> float:
@@ -125,6 +130,10 @@ class DriftGate:
 
     min_jaccard: float = 0.6  # every family and the step gate
     max_speedup_change: float = 0.25  # relative, either direction
+    # Largest fall of the held-out mean PSNR to uncached, candidate vs current plan, in dB; None: not measured.
+    # (`calibrate --refresh` measures it by default: --max-psnr-drop.)
+    max_psnr_drop: float | None = None
+    quality_runs: int = 8  # held-out requests the fidelity is measured on
 
     def reasons(self, drift: Drift) -> list[str]:
         """Why ``drift`` is out of bounds; empty when it may be promoted."""
@@ -137,6 +146,12 @@ class DriftGate:
             why.append(
                 f"ideal speedup {drift.speedup_old:.2f}x -> {drift.speedup_new:.2f}x ({change:+.1%}) exceeds "
                 f"--max-speedup-change {self.max_speedup_change:g}"
+            )
+        quality = drift.fidelity
+        if self.max_psnr_drop is not None and quality is not None and quality.drop > self.max_psnr_drop:
+            why.append(
+                f"held-out mean PSNR to uncached {quality.current_psnr:.2f} dB -> {quality.candidate_psnr:.2f} dB "
+                f"(-{quality.drop:.2f} dB on {quality.runs} runs) exceeds --max-psnr-drop {self.max_psnr_drop:g}"
             )
         return why
 
@@ -158,6 +173,13 @@ def drift_markdown(drift: Drift, *, key: str, promoted: bool, reasons: list[str]
         f"- ideal speedup: {drift.speedup_old:.3f}x -> {drift.speedup_new:.3f}x ({drift.speedup_change:+.1%})",
         f"- gated steps added: {drift.gates_added or 'none'}; removed: {drift.gates_removed or 'none'}",
     ]
+    if drift.fidelity is not None:
+        quality = drift.fidelity
+        lines.append(
+            f"- measured fidelity (shadow set: {quality.runs} held-out runs, mean PSNR to uncached): "
+            f"{quality.current_psnr:.2f} dB -> {quality.candidate_psnr:.2f} dB, change {quality.change.mean:+.2f} dB "
+            f"(95% interval {quality.change.low:+.2f} to {quality.change.high:+.2f})"
+        )
     if drift.taus_changed:
         changed = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in drift.taus_changed.items())
         lines.append(f"- taus changed: {changed} (drift then reflects the new taus, not only new statistics)")

@@ -41,6 +41,8 @@ from jobs.throughput import Throughput, throughput
 if TYPE_CHECKING:  # pandas costs about a second to import; the CLI loads this module on every call.
     import pandas as pd
 
+    from jobs.report_shadow import ShadowReport
+
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "id",
     "latency_s",
@@ -342,6 +344,7 @@ class Report:
     policies: tuple[str, ...] = ()
     plan_ids: tuple[str, ...] = ()
     files: dict[str, Path] = field(default_factory=dict)
+    shadow: ShadowReport | None = None  # fidelity from the run's shadow rows (jobs/report_shadow.py)
 
     @property
     def images_per_second(self) -> float | None:
@@ -673,9 +676,11 @@ def build_report(
     baseline_uri: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     max_fidelity_images: int | None = DEFAULT_FIDELITY_SAMPLE,
+    min_psnr: float | None = None,
 ) -> Report:
     """Read a run's output (and optionally an uncached baseline run), write report.md, report.html and
-    PNG plots to report_dir, and return the numbers. Inputs are checked before anything is written."""
+    PNG plots to report_dir, and return the numbers. Inputs are checked before anything is written.
+    `min_psnr`: flag each plan whose shadow rows' mean PSNR is below it (`report.shadow.flagged`)."""
     from jobs import report_render
 
     prices = dict(prices) if prices is not None else load_prices()
@@ -688,6 +693,7 @@ def build_report(
         baseline_rows = annotate_rows(read_rows(baseline), prices)
         comparison = compare_with_baseline(rows, baseline_rows, current, baseline, max_fidelity_images)
         report = dataclasses.replace(report, baseline=comparison)
+    report = dataclasses.replace(report, shadow=_shadow_fidelity(current, rows, prices, min_psnr))
 
     plots = report_render.render_plots(report, rows)
     documents = {
@@ -695,6 +701,23 @@ def build_report(
         "report.html": report_render.render_html(report, plots).encode(),
     }
     return dataclasses.replace(report, files=_write_outputs(Path(report_dir), {**plots, **documents}))
+
+
+def _shadow_fidelity(current: OutputFiles, rows: pd.DataFrame, prices: Mapping[str, float],
+                     min_psnr: float | None) -> ShadowReport | None:
+    from jobs.report_shadow import summarize_shadows
+
+    shadow = summarize_shadows(current, rows, prices, min_psnr)
+    if min_psnr is not None and shadow is None:
+        raise ReportInputError(
+            f"--min-psnr {min_psnr:g}: {current.uri} has no shadow rows to measure fidelity on "
+            "(generate with --shadow FRACTION)"
+        )
+    return shadow
+
+
+# Exit code of `invardiff report --min-psnr X` when a plan's shadow fidelity is below X (jobs/cli.py).
+EXIT_BELOW_MIN_PSNR = 4
 
 
 def _write_outputs(report_dir: Path, contents: Mapping[str, bytes]) -> dict[str, Path]:
@@ -736,6 +759,10 @@ def report_command(
     fidelity_images: int = typer.Option(
         DEFAULT_FIDELITY_SAMPLE, "--fidelity-images", min=1, help="Images compared with the baseline (sample)"
     ),
+    min_psnr: float | None = typer.Option(
+        None, "--min-psnr", help="Flag each plan whose shadow rows' mean PSNR to uncached is below this (dB), "
+        "and exit 4; needs a run generated with --shadow"
+    ),
 ) -> None:
     """Cost per image, throughput, caching and quality of a generation run."""
     try:
@@ -744,7 +771,7 @@ def report_command(
         from jobs.ray_runtime import storage_options_for
 
         options = {**storage_options_for(out), **dict(parse_storage_option(item) for item in storage_option or [])}
-        report = build_report(out, report_dir, prices, baseline, options, fidelity_images)
+        report = build_report(out, report_dir, prices, baseline, options, fidelity_images, min_psnr)
     except ReportInputError as error:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=2) from None
@@ -754,3 +781,7 @@ def report_command(
         f"{report.images} images, {report.error_rows} error rows, "
         f"{format_usd(report.cost_per_image_usd)} per image -> {report.files['report.html']}"
     )
+    if report.shadow is not None and report.shadow.flagged:
+        for line in report.shadow.flag_lines():
+            typer.secho(f"FIDELITY BELOW BOUND: {line}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=EXIT_BELOW_MIN_PSNR)

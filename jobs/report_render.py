@@ -127,6 +127,8 @@ def build_sections(report: Report, plot_names: Sequence[str]) -> list[Section]:
         sections.append(quality_section(report.quality))
     if report.baseline is not None:
         sections.append(baseline_section(report, SAMPLES_FILE in plot_names))
+    if report.shadow is not None:
+        sections.append(shadow_section(report, plot_names))
     if report.error_reasons:
         sections.append(errors_section(report))
     sections.append(Section("Plots", [Figure(name, PLOT_FILES[name]) for name in plot_names if name in PLOT_FILES]))
@@ -294,6 +296,74 @@ def baseline_section(report: Report, with_samples: bool = False) -> Section:
     return Section("Against the uncached baseline", blocks)
 
 
+SHADOW_HIST_FILE = "shadow_psnr.png"
+SHADOW_WORST_FILE = "shadow_worst.png"
+
+
+def shadow_section(report: Report, plot_names: Sequence[str] = ()) -> Section:
+    """Fidelity per plan from the shadow rows (jobs/report_shadow.py)."""
+    shadow = report.shadow
+    assert shadow is not None
+    blocks: list = [
+        Paragraph(
+            "Shadow rows were also generated uncached on the same actor (a fraction of the rows chosen by a hash of "
+            "id and seed, blind to the image). Their PSNR/SSIM to the uncached image and the relative error of the "
+            "final sample estimate the whole run's fidelity; the interval is a 95% Student-t interval for the mean "
+            "PSNR over all of the plan's images, for this many shadows. Their device time is not in the cost per "
+            "image above."
+        )
+    ]
+    rows = []
+    for plan in shadow.plans:
+        interval = plan.interval
+        ci = (f"{interval.low:.2f} to {interval.high:.2f}" if interval is not None and interval.count > 1 else "n/a")
+        share = f"{plan.cost_usd / report.total_cost_usd:.1%}" if plan.cost_usd is not None and report.total_cost_usd else "n/a"
+        rows.append([
+            plan.plan_id, f"{format_count(plan.shadows)} of {format_count(plan.images)}",
+            format_metric(plan.psnr.mean, "psnr"), ci, format_metric(plan.psnr.minimum, "psnr"),
+            format_metric(plan.ssim.mean, "ssim"), format_metric(plan.rel_err.mean, "rel_err"),
+            format_duration(plan.device_seconds), f"{format_usd(plan.cost_usd)} ({share})",
+            ("BELOW " if plan.flagged else "ok, ≥ ") + f"{shadow.min_psnr:g} dB" if shadow.min_psnr is not None else "–",
+        ])
+    blocks.append(Table(["Plan", "Shadows", "Mean PSNR", "95% interval", "Min PSNR", "Mean SSIM", "Mean rel err",
+                         "Shadow device time", "Shadow cost (of total)", "--min-psnr"], rows, "shadow-fidelity"))
+    blocks.extend(Paragraph(f"FIDELITY BELOW BOUND: {line}.") for line in shadow.flag_lines())
+    worst = [[plan.plan_id, row.image_id, format_metric(row.psnr, "psnr"), format_metric(row.ssim, "ssim"),
+              format_metric(row.rel_err, "rel_err")] for plan in shadow.plans for row in plan.worst]
+    blocks.append(Table(["Plan", "Worst shadow rows", "PSNR", "SSIM", "Rel err"], worst, "shadow-worst"))
+    if SHADOW_HIST_FILE in plot_names:
+        blocks.append(Figure(SHADOW_HIST_FILE, "Shadow PSNR to uncached, by plan"))
+    if SHADOW_WORST_FILE in plot_names:
+        blocks.append(Figure(SHADOW_WORST_FILE, "The worst shadow rows: uncached image, cached image, and their "
+                                                "absolute difference, amplified"))
+    else:
+        blocks.append(Paragraph("Generate with --keep-shadow-images to see the worst rows beside their uncached "
+                                "images here."))
+    return Section("Fidelity from shadow rows", blocks)
+
+
+def plot_shadow_psnr(shadow) -> bytes:
+    figure = _new_figure()
+    axes = figure.subplots()
+    values = [v for plan in shadow.plans for v in plan.psnrs]
+    edges = np.histogram_bin_edges(values, bins=min(40, max(5, len(values) // 3)))
+    for plan in shadow.plans:
+        axes.hist(plan.psnrs, bins=edges, alpha=0.6, label=f"{plan.plan_id} ({plan.shadows})")
+    if shadow.min_psnr is not None:
+        axes.axvline(shadow.min_psnr, color="#c44e52", linestyle="--", label=f"--min-psnr {shadow.min_psnr:g}")
+    axes.set_xlabel("PSNR to uncached (dB)")
+    axes.set_ylabel("shadow rows")
+    axes.legend(fontsize="small")
+    axes.set_title("Fidelity of the shadow rows")
+    return _png(figure)
+
+
+def _shadow_worst_pairs(shadow) -> list[SamplePair]:
+    return [SamplePair(f"{plan.plan_id} worst {rank + 1}", row.image_id, row.psnr, row.uncached_png, row.cached_png)
+            for plan in shadow.plans for rank, row in enumerate(plan.worst)
+            if row.uncached_png is not None and row.cached_png is not None]
+
+
 def errors_section(report: Report) -> Section:
     rows = [[reason, format_count(count)] for reason, count in report.error_reasons[:20]]
     blocks: list = [Table(["Error", "Rows"], rows, "errors")]
@@ -456,7 +526,7 @@ def plot_images_per_node(rows: pd.DataFrame) -> bytes:
     return _png(figure)
 
 
-def plot_samples(samples: Sequence[SamplePair]) -> bytes:
+def plot_samples(samples: Sequence[SamplePair], reference_title: str = "baseline") -> bytes:
     """One row per sample (worst, median, best PSNR): baseline, cached, and |difference| x DIFFERENCE_GAIN,
     each row labelled with what it is, the image id and its PSNR."""
     figure = _new_figure(width=7.5, height=2.3 * len(samples) + 0.4)
@@ -467,7 +537,7 @@ def plot_samples(samples: Sequence[SamplePair]) -> bytes:
         amplified = np.clip(difference * DIFFERENCE_GAIN, 0, 255).astype(np.uint8)
         psnr = "identical" if np.isinf(sample.psnr) else f"PSNR {sample.psnr:.1f} dB"
         for ax, image, title in zip(
-            row, (reference, cached, amplified), ("baseline", "cached", f"|difference| × {DIFFERENCE_GAIN}"),
+            row, (reference, cached, amplified), (reference_title, "cached", f"|difference| × {DIFFERENCE_GAIN}"),
             strict=True,
         ):
             gray = image.ndim == 2 or image.shape[2] == 1
@@ -490,4 +560,9 @@ def render_plots(report: Report, rows: pd.DataFrame) -> dict[str, bytes]:
     }
     if report.baseline is not None and report.baseline.samples:
         plots[SAMPLES_FILE] = plot_samples(report.baseline.samples)
+    if report.shadow is not None:
+        plots[SHADOW_HIST_FILE] = plot_shadow_psnr(report.shadow)
+        pairs = _shadow_worst_pairs(report.shadow)
+        if pairs:
+            plots[SHADOW_WORST_FILE] = plot_samples(pairs, reference_title="uncached")
     return plots
