@@ -1,7 +1,7 @@
 """InvarDiff against the peer caching methods, on one model, seeds and classes.
 
     invardiff bench [--quick] --out DIR
-    python -m benchmarks.bench [--quick] --out DIR [--model digits|tiny-dit|PATH] [--random-dit-xl]
+    python -m benchmarks.bench [--quick] --out DIR [--model digits|tiny-dit|tiny-flux|PATH] [--random-dit-xl]
 
 Rows: uncached; InvarDiff presets and a tau_step sweep (calibrated here, on seeds disjoint from the evaluated ones);
 diffusers' FirstBlockCache, TaylorSeer, MagCache (ratios computed here) and Pyramid Attention Broadcast;
@@ -228,6 +228,19 @@ def requests_for(generator, count: int, seed: int = 0):
     return [Request(f"eval-{i}", seed + i, class_label=(i * stride) % n) for i in range(count)]
 
 
+# The DiT paper operating points have published FLUX counterparts; the copy-* points were tuned on the digits DiT.
+FLUX_COUNTERPARTS = {"paper-dit-fast": "paper-flux-fast", "paper-dit-slow": "paper-flux-slow"}
+
+
+def presets_for(names: Sequence[str], architecture: str) -> tuple[str, ...]:
+    """The preset rows for `architecture`: on FLUX, each DiT paper preset becomes its FLUX counterpart and the
+    digits-only copy-* presets are left out. Any other name is kept, so an unknown one fails at calibration."""
+    if architecture != "flux":
+        return tuple(names)
+    swapped = (FLUX_COUNTERPARTS.get(name, name) for name in names)
+    return tuple(dict.fromkeys(name for name in swapped if not name.startswith("copy-")))
+
+
 def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[Method]:
     from benchmarks import peers
     from invardiff.policy import InvarDiffPolicy, NoCache
@@ -248,7 +261,7 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     steps = generator.num_inference_steps
     signature = generator.signature()
     rows = [Method("uncached", "uncached", NoCache())]
-    presets = config.presets or tuple(preset_names(generator.architecture))
+    presets = presets_for(config.presets or tuple(preset_names(generator.architecture)), generator.architecture)
 
     # Forecast presets: candidate errors are recorded once (up to runs of 4 gated steps) and shared by every
     # budget; calibration seeds (10_000..) are disjoint from the evaluated ones (0..).
@@ -570,7 +583,7 @@ def environment(generator, config, command, seconds) -> dict:
         "cache_dit": cache_dit_version,
         "steps": generator.num_inference_steps,
         "guidance_scale": generator.guidance_scale,
-        "dtype": str(generator.dtype).removeprefix("torch."),
+        "dtype": str(generator.transformer.dtype).removeprefix("torch."),
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": seconds,
@@ -767,7 +780,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="smoke run: one point per method (<= 5 min on 2 CPUs)")
-    parser.add_argument("--model", default="digits", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI")
+    parser.add_argument("--model", default="digits",
+                        help="digits, tiny-dit, tiny-flux, or a DiT-XL/2 / FLUX checkpoint path/URI")
     parser.add_argument("--random-dit-xl", action="store_true", help="DiT-XL/2 256px architecture, random init")
     parser.add_argument("--images", type=int)
     parser.add_argument("--batch-size", type=int)

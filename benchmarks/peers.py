@@ -30,12 +30,16 @@ class ModuleCounter:
         self._handles: list[Any] = []
 
     def attach(self, transformer: torch.nn.Module) -> "ModuleCounter":
+        """Attach before any cache whose hooks sit on a bare-Linear site (FLUX's proj_mlp): see `_CountedForward`."""
         transformer = unwrap(transformer)
         for site in get_adapter(transformer).cache_sites(transformer):
             linear = next(m for m in site.module.modules() if isinstance(m, torch.nn.Linear))
             for family in site.families:
                 self.counts.setdefault(family, 0)
-            self._handles.append(linear.register_forward_pre_hook(self._hook(site.families)))
+            if linear is site.module:
+                self._handles.append(_CountedForward(linear, self._hook(site.families)))
+            else:
+                self._handles.append(linear.register_forward_pre_hook(self._hook(site.families)))
         return self
 
     def _hook(self, families: tuple[str, ...]) -> Callable:
@@ -55,6 +59,33 @@ class ModuleCounter:
 
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+class _CountedForward:
+    """Counts the calls that run a Linear's own forward. A site that is itself a Linear is where a cache hooks in,
+    and a forward pre-hook fires before the cache's replaced forward, so it would count the calls the cache answers
+    too; this wrapper sits beneath every hook registered after it and counts only real evaluations."""
+
+    def __init__(self, linear: torch.nn.Linear, count: Callable) -> None:
+        self._linear, self._count = linear, count
+        self._had_forward, self._forward = "forward" in linear.__dict__, linear.forward
+        self.active = True
+
+        def counted(*args, **kwargs):
+            if self.active:
+                count(linear, args)
+            return self._forward(*args, **kwargs)
+
+        self._counted = counted
+        linear.forward = counted
+
+    def remove(self) -> None:
+        self.active = False
+        if self._linear.__dict__.get("forward") is self._counted:  # nothing wrapped it since: restore
+            if self._had_forward:
+                self._linear.forward = self._forward
+            else:
+                del self._linear.forward
 
 
 class _CountedPolicy:

@@ -645,7 +645,9 @@ app.command(
 def bench(
     out: Path = typer.Option(..., "--out", help="Directory for table.md, pareto.png and results.json."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run, one point per method (<= 5 min on 2 CPUs)."),
-    model: str = typer.Option("digits", "--model", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI."),
+    model: str = typer.Option(
+        "digits", "--model", help="digits, tiny-dit, tiny-flux, or a DiT-XL/2 or FLUX checkpoint path/URI."
+    ),
     random_dit_xl: bool = typer.Option(False, "--random-dit-xl", help="DiT-XL/2 256px, random init (GPU timing)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Evaluated images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per timing round."),

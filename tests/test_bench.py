@@ -233,3 +233,49 @@ def test_every_peer_is_a_cache_policy_and_detaches_without_a_trace():
         policy.detach(generator.transformer)
         assert not torch.equal(cached, before), policy.name
         assert torch.equal(generator.generate(requests).final, before), f"{policy.name} left state behind"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX in the harness (`invardiff bench --model tiny-flux`)
+
+
+TINY_FLUX = replace(
+    TINY,
+    model="tiny-flux",
+    images=2,
+    presets=("fast", "paper-dit-fast", "copy-fast"),  # the DiT paper point becomes FLUX's; copy-* is left out
+    tau_steps=(),
+    step_intervals=(),
+    fora_intervals=(),
+    fewer_steps=(),
+    dicache_thresholds=(),
+)
+
+
+def test_flux_bench_runs_our_plans_and_the_peers_that_support_flux(tmp_path):
+    from benchmarks.bench import run_bench
+
+    result = run_bench(TINY_FLUX, tmp_path, command="pytest", say=lambda _m: None)
+    rows = rows_by_name(result)
+    assert result["environment"]["model"] == "tiny-flux"
+    assert set(rows) >= {"uncached", "InvarDiff paper-flux-fast", "FirstBlockCache 0.1", "TaylorSeer N=3 O=1 W=1",
+                         "MagCache 0.5 K=3", "uniform + forecast residual, 2 computed"}  # fmt: skip
+    assert [name for name in rows if name.startswith("InvarDiff fast (forecast ")]
+    assert not any("copy-fast" in name or "dit" in name for name in rows)
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["ideal_speedup"] == pytest.approx(row["module_evals_uncached"] / row["module_evals"])
+        if row["kind"] in ("uncached", "invardiff"):
+            assert row["module_evals"] == row["policy_module_evals"], row["method"]
+        if row["method"] != "uncached":
+            assert math.isfinite(row["cpu_speedup"]) and 0 < row["psnr"] <= 100
+    assert rows["InvarDiff paper-flux-fast"]["ideal_speedup"] > 1.0
+    assert "| InvarDiff paper-flux-fast |" in (tmp_path / "table.md").read_text()
+
+
+def test_flux_presets_swap_the_dit_paper_points_and_keep_unknown_names_to_fail_loudly():
+    from benchmarks.bench import presets_for
+
+    assert presets_for(("balanced", "copy-fast", "paper-dit-fast"), "flux") == ("balanced", "paper-flux-fast")
+    assert presets_for(("copy-fast", "paper-dit-fast"), "dit") == ("copy-fast", "paper-dit-fast")
+    assert presets_for(("nonsense",), "flux") == ("nonsense",)
