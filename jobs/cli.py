@@ -48,7 +48,8 @@ class UserError(Exception):
 
 
 # Exit codes are the same in every command: 2 bad input (found before any work), 1 a failed run, 3 a plan stored
-# but not promoted. Each command's --help lists the ones it can return.
+# but not promoted, 4 measured fidelity below --min-psnr (generate --stop-on-drift stopped the run, or report
+# flagged it). Each command's --help lists the ones it can return.
 EXIT_BAD_INPUT = "2 bad input, found before any work (one line on stderr)"
 
 
@@ -165,7 +166,8 @@ def _load_plan_json(plan: Optional[str]) -> Optional[str]:
 
 @app.command(
     epilog="Exit codes: 0 every asked row is written without error; 1 the run is incomplete (the counts say what "
-    "is failed or missing; rerun to resume); 2 bad input, found before any work (one line); 130 interrupted."
+    "is failed or missing; rerun to resume); 2 bad input, found before any work (one line); 4 --stop-on-drift "
+    "stopped the run: the shadow rows' PSNR fell below --min-psnr (what was written stays); 130 interrupted."
 )
 def generate(
     out: str = typer.Option(..., "--out", help="Output directory or URI (s3://bucket/run1) for the Parquet files."),
@@ -224,6 +226,21 @@ def generate(
     break_lease: bool = typer.Option(
         False, "--break-lease", help="Take over --out from another job's lease (only when that job is known gone)."
     ),
+    shadow: float = typer.Option(
+        0.0, "--shadow", min=0.0, max=1.0, help="Fraction of rows (chosen by a hash of id and seed) also generated "
+        "uncached on the same actor; their PSNR/SSIM/rel err to it land in shadow_* columns, their cost apart "
+        "(`invardiff report`). 0.01 costs about 4% more compute on the digits model (BENCHMARKS.md section 8).",
+    ),
+    keep_shadow_images: bool = typer.Option(
+        False, "--keep-shadow-images", help="With --shadow: also keep each shadow row's uncached PNG (shadow_png)."
+    ),
+    min_psnr: Optional[float] = typer.Option(
+        None, "--min-psnr", help="With --shadow: drift alarm bound. When the shadows' mean PSNR is below it at 95% "
+        "confidence (8+ shadows), the run logs it once and records it in _run.json.",
+    ),
+    stop_on_drift: bool = typer.Option(
+        False, "--stop-on-drift", help="With --min-psnr: stop the run when the drift alarm trips (exit 4)."
+    ),
 ):
     """Generate images into Parquet with a Ray Data job: one row per manifest row (PNG + metrics).
 
@@ -248,6 +265,12 @@ def generate(
     else:
         table = prompt_manifest(list(prompt), per_prompt, seed)
     schema = _manifest_schema(model)
+    from jobs.shadow_watch import ShadowOptions
+
+    try:
+        shadow_options = ShadowOptions(shadow, keep_shadow_images, min_psnr, stop_on_drift)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     # Ctrl-C stops the run cleanly even where the shell started us with SIGINT ignored (a background job).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -270,6 +293,7 @@ def generate(
             overwrite=overwrite,
             break_lease=break_lease,
             command=shlex.join(["invardiff", *sys.argv[1:]]),
+            shadow=shadow_options,
         )
     except KeyboardInterrupt as e:
         summary = getattr(e, "summary", None)
@@ -287,10 +311,24 @@ def generate(
     typer.echo(f"reconciled: {reconciliation.line()}")
     for reason, rows in reconciliation.reasons:
         typer.echo(f"  {rows} row(s) failed: {reason.splitlines()[0] if reason else '?'}", err=True)
+    if summary.shadow is not None:
+        typer.echo(_shadow_line(summary.shadow))
+        if summary.shadow["stopped"]:
+            typer.echo(f"error: {summary.failure}; {reconciliation.line()}", err=True)
+            raise typer.Exit(EXIT_STOPPED_ON_DRIFT)
     if not summary.complete:
         why = f"{summary.failure}; " if summary.failure else ""
         typer.echo(f"error: run incomplete ({why}{reconciliation.line()}); rerun the same command to resume", err=True)
         raise typer.Exit(1)
+
+
+EXIT_STOPPED_ON_DRIFT = 4
+
+
+def _shadow_line(shadow: dict) -> str:
+    mean = f"{shadow['mean_psnr']:.2f} dB mean PSNR" if shadow["mean_psnr"] is not None else "no PSNR yet"
+    drift = f"; DRIFT: {shadow['drift']}" if shadow["drift"] else ""
+    return f"shadow: {shadow['rows']} row(s) generated uncached too ({shadow['fraction']:g} asked), {mean}{drift}"
 
 
 def _run_throughput(summary) -> str:
@@ -321,7 +359,7 @@ def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
 
 
 @app.command(epilog=exit_codes("1 calibration failed", EXIT_BAD_INPUT, "3 --refresh: the new plan is stored but not "
-                                "promoted (drift out of bounds); the previous plan stays latest"))
+                                "promoted (drift or held-out fidelity out of bounds); the previous plan stays latest"))
 def calibrate(
     out: Optional[str] = typer.Option(None, "--out", help="Where to write the plan JSON (local path or URI)."),
     workers: Optional[int] = typer.Option(
@@ -332,12 +370,16 @@ def calibrate(
     ),
     refresh: bool = typer.Option(
         False, "--refresh", help="With --store: recalibrate even if a latest plan exists; compare, report drift, "
-        "promote only within --min-jaccard / --max-speedup-change (exit 3 when not promoted)."
+        "promote only within --min-jaccard / --max-speedup-change / --max-psnr-drop (exit 3 when not promoted)."
     ),
     min_jaccard: float = typer.Option(0.6, "--min-jaccard", min=0.0, max=1.0, help="--refresh: least Jaccard "
                                       "similarity of reuse masks (step gate and every family) to promote."),
     max_speedup_change: float = typer.Option(0.25, "--max-speedup-change", min=0.0, help="--refresh: largest "
                                              "relative change of the ideal speedup to promote."),
+    max_psnr_drop: float = typer.Option(
+        1.0, "--max-psnr-drop", help="--refresh: largest fall, in dB, of the mean PSNR to uncached on 8 held-out "
+        "shadow runs generated on the workers, candidate vs current plan, to promote.",
+    ),
     address: Optional[str] = typer.Option(
         None, "--address", help="With --workers/--store: Ray address (default: $RAY_ADDRESS, else local Ray)."
     ),
@@ -437,7 +479,7 @@ def calibrate(
         code = calibrate_command(
             _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg), make_bundle,
             workers=1 if workers is None else workers, store=store, out=out, refresh=refresh, min_jaccard=min_jaccard,
-            max_speedup_change=max_speedup_change, runs=runs, seed=seed, batch_size=batch_size,
+            max_speedup_change=max_speedup_change, max_psnr_drop=max_psnr_drop, runs=runs, seed=seed, batch_size=batch_size,
             provisional_mode=provisional_mode, address=address,
         )
         if code:
@@ -636,7 +678,8 @@ app.command(
         "Example: invardiff report out/cached --baseline out/uncached --out reports/cached "
         "--price H100=2.10. Writes report.md, report.html and PNG plots; nothing is written when an "
         "input is bad (including a baseline whose rows were made from other seeds or classes/prompts). "
-        + exit_codes(EXIT_BAD_INPUT)
+        + exit_codes(EXIT_BAD_INPUT, "4 --min-psnr: a plan's shadow rows' mean PSNR is below the bound (the "
+                     "report is written and names it)")
     ),
 )(_report.report_command)
 
@@ -645,9 +688,7 @@ app.command(
 def bench(
     out: Path = typer.Option(..., "--out", help="Directory for table.md, pareto.png and results.json."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run, one point per method (<= 5 min on 2 CPUs)."),
-    model: str = typer.Option(
-        "digits", "--model", help="digits, tiny-dit, tiny-flux, or a DiT-XL/2 or FLUX checkpoint path/URI."
-    ),
+    model: str = typer.Option("digits", "--model", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI."),
     random_dit_xl: bool = typer.Option(False, "--random-dit-xl", help="DiT-XL/2 256px, random init (GPU timing)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Evaluated images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per timing round."),

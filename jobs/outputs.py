@@ -53,6 +53,14 @@ GENERATED_FIELDS = [
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
     pa.field("attempt", pa.int32()),
     pa.field("error", pa.string()),
+    # Shadow rows only (`generate --shadow`, pipelines/shadow.py), null elsewhere: the fidelity of this row's
+    # image to the same request generated uncached, and that uncached run's share of device time (not in
+    # latency_s: the report counts it apart). shadow_png, the uncached image's PNG, with --keep-shadow-images.
+    pa.field("shadow_psnr", pa.float64()),
+    pa.field("shadow_ssim", pa.float64()),
+    pa.field("shadow_rel_err", pa.float64()),
+    pa.field("shadow_latency_s", pa.float64()),
+    pa.field("shadow_png", pa.binary()),
 ]
 GENERATED_NAMES = {f.name for f in GENERATED_FIELDS}
 DATA_FILE = re.compile(r"^(?P<run>r[0-9]{8}T[0-9]{6}Z[0-9a-f]{8})_[^/]+\.parquet$")
