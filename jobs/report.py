@@ -17,6 +17,10 @@ How the numbers are made (everything comes from what the rows measured, nothing 
     ratio of summed device time, the median of per-image ratios, the cost ratio, and PSNR/SSIM of the cached
     PNGs against the baseline PNGs on a deterministic sample of ids, with the worst, median and best pair
     shown side by side.
+  * fidelity from shadow rows (a run generated with `--shadow F`): per plan, the shadow rows' PSNR/SSIM/rel err
+    to the same request generated uncached, a 95 % interval for the mean PSNR, the worst rows, and the shadows'
+    own device time and cost, which is not in $ per image; `--min-psnr X` flags a plan below X and exits 4
+    (jobs/report_shadow.py).
 """
 
 from __future__ import annotations
