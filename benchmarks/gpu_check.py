@@ -10,8 +10,9 @@ Groups of rows, in the order they run (the budget skips what no longer fits, and
 * FLUX.1-dev-shaped (19 dual + 38 single blocks, width 3072, random init), 1024², 28 steps, batch 1: uncached,
   the published FLUX fast gate and books, our forecast plan. Transformer only: the prompt embeddings are random
   tensors of T5/CLIP's shapes (`FluxGenerator` without text encoders) and there is no VAE, so only speed counts.
-* Both again under `torch.compile`, regionally: every transformer block compiled, as diffusers'
-  `compile_repeated_blocks` does, with dynamo's caches reset before each row so its compile counts are its own.
+* Both again under `torch.compile`, regionally, with dynamo's caches reset before each row so its compile counts
+  are its own: uncached, every transformer block compiled (as diffusers' `compile_repeated_blocks`); InvarDiff,
+  `invardiff.compile_blocks` (the blocks' and cache sites' computation compiled, the plan's decisions eager).
 
 How it measures: per group, each method attaches once, runs one warm-up generation (discarded; it also gives the
 peak memory and the cache bytes) and `--repeats` timed generations, CUDA-synchronised around each. The speedup is
@@ -418,6 +419,18 @@ class _LimitHandler(logging.Handler):
             self.hits.append(message.splitlines()[0])
 
 
+def compile_regions(transformer, row: Row, backend: str) -> str:
+    """Uncached rows: every block compiled whole. InvarDiff rows (plan attached): `invardiff.compile_blocks`, the
+    computation compiled and the plan's per-step decisions left eager, so nothing recompiles from step to step."""
+    if row.plan is not None:
+        from invardiff import compile_blocks as compile_under_plan
+
+        compile_under_plan(transformer, backend=backend)
+        return "invardiff.compile_blocks"
+    compile_blocks(transformer, backend)
+    return "block.compile()"
+
+
 def compile_blocks(transformer, backend: str) -> int:
     """Regional compilation: `block.compile()` on every transformer block, what diffusers' `compile_repeated_blocks`
     does (DiT declares no `_repeated_blocks`, so the blocks are named here). Returns how many were compiled."""
@@ -477,10 +490,10 @@ def run_row(group: Group, row: Row, requests, repeats: int, backend: str) -> dic
     transformer = generator.transformer
     cuda = generator.device.type == "cuda"
     record: dict[str, Any] = {}
+    row.policy.attach(transformer)
     if group.compiled:
         torch._dynamo.reset()  # this row's compiles are its own, and a frame one row gave up on is not given up here
-        compile_blocks(transformer, backend)
-    row.policy.attach(transformer)
+        record["compiled_regions"] = compile_regions(transformer, row, backend)
     held = HeldBytes(transformer) if row.plan is not None else None
     try:
         row.policy.reset(transformer)
@@ -512,6 +525,7 @@ def run_row(group: Group, row: Row, requests, repeats: int, backend: str) -> dic
     record["per_family_computed"] = {f: int(c) for f, (c, _) in stats.per_family.items()}
     if group.compiled:
         record["compile"] = {
+            "regions": record.pop("compiled_regions"),
             "warmup_frames_compiled": warm.frames,
             "warmup_graphs": warm.graphs,
             "graph_breaks": warm.graph_breaks + steady.graph_breaks,
@@ -703,7 +717,8 @@ NOTES = [
     "no VAE decode.",
     "DiT InvarDiff paper rows use the published step gates; their module books compute every module on non-gated "
     "steps (the published DiT books are not available). FLUX fast uses the published gate and books.",
-    "Compiled rows: every transformer block compiled (block.compile(), as diffusers' compile_repeated_blocks); "
+    "Compiled rows: uncached, every transformer block compiled (block.compile(), as diffusers' "
+    "compile_repeated_blocks); InvarDiff, invardiff.compile_blocks (computation compiled, plan decisions eager); "
     "dynamo reset before each row; recompiles_timed counts compiles during the timed runs, after the warm-up.",
 ]
 

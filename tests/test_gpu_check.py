@@ -60,6 +60,9 @@ def test_smoke_counts_and_cache_bytes(smoke):
             assert compile_record["warmup_frames_compiled"] >= 1
             assert isinstance(compile_record["recompiles_timed"], int)
             assert isinstance(compile_record["fell_back_to_eager"], bool)
+            if row["kind"].startswith("invardiff"):  # a static plan under compile_blocks: compiled once, in warm-up
+                assert compile_record["regions"] == "invardiff.compile_blocks"
+                assert compile_record["recompiles_timed"] == 0 and not compile_record["fell_back_to_eager"]
         else:
             assert "compile" not in row
 
