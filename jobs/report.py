@@ -165,7 +165,10 @@ class OutputFiles:
 
         wanted = [name for name in columns if name in self.columns]
         row_filter = pc.field("id").isin(list(ids)) if ids is not None else None
-        return self.dataset().to_table(columns=wanted, filter=row_filter).to_pandas()
+        table = self.dataset().to_table(columns=wanted, filter=row_filter)
+        # Each Arrow column is freed as soon as it is converted, so the peak is one copy of the rows, not two
+        # (a million rows of the report's columns are about half a GB as pandas objects).
+        return table.to_pandas(self_destruct=True, split_blocks=True)
 
 
 def _is_data_file(relative: str) -> bool:
