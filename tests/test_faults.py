@@ -295,3 +295,139 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
     written = int(text.split("interrupted: 48 rows asked: ")[1].split(" written")[0])
     assert written == len(ids) < 48
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ---- S3 paused: the server stops answering for a few seconds mid-write (SIGSTOP), then resumes (SIGCONT)
+
+
+def test_s3_server_paused_mid_write_delays_the_run_and_loses_nothing(ray_local, s3_credentials, monkeypatch):
+    import fsspec
+    import ray
+
+    worker_env = ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get("AWS_ACCESS_KEY_ID")).remote())
+    if worker_env is None:
+        pytest.skip("this session's Ray was started without S3 test credentials in its workers' environment")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    server = start_moto(port)
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs.mkdir("paused")
+    fs.pipe_file("paused/run-notes.txt", b"a neighbour's object")  # beside the output, not in it
+    out = "s3://paused/run"
+    manifest = class_manifest([0, 1, 2, 3], per_class=4, seed=0)  # 16 rows, 2 blocks of 8: two files
+    result = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_generate(
+        manifest, out, TINY, schema=SCHEMA, batch_size=2)))
+    job.start()
+    paused = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.is_alive():
+            fs.invalidate_cache()
+            if [p for p in fs.find("paused/run") if p.endswith(".parquet")]:
+                break
+            time.sleep(0.05)
+        assert job.is_alive(), "the run ended before the first file could be seen"
+        server.send_signal(signal.SIGSTOP)  # connections stay open, nothing answers: a stalled endpoint
+        paused = True
+        time.sleep(PAUSE_S)
+        server.send_signal(signal.SIGCONT)
+        paused = False
+        job.join(timeout=180)
+        summary = result["summary"]
+        counts = summary.reconciliation
+        assert counts.written + counts.failed + counts.missing == counts.asked == 16
+        if not summary.complete:  # allowed only if it says so with the counts; a rerun must then heal it
+            rerun = run_generate(manifest, out, TINY, schema=SCHEMA, batch_size=2)
+            assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
+        assert ids_in(out) == Counter(manifest.column("id").to_pylist())
+        assert fs.cat_file("paused/run-notes.txt") == b"a neighbour's object"
+    finally:
+        if paused:
+            server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+PAUSE_S = 6  # well under the lease expiry (60 s) and s3fs's timeouts: the run must ride it out
+
+
+# ---- the output's filesystem refuses writes: read-only, then full. Both real, at the OS level: the suite runs
+# as root, which bypasses permission bits, so the job runs without the capabilities that do that; a full disk
+# is a small tmpfs.
+
+
+def without_permission_override():
+    """preexec_fn: drop CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER from the bounding set, so the
+    process (root here) gets permission bits enforced after exec like any user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2, 3):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_read_only_output_is_refused_in_one_line_then_a_rerun_writes_every_row_once(ray_local, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "notes.txt").write_text("a neighbour's file")
+    out.chmod(0o555)
+    args = ["generate", "--model", "tiny-dit", "--steps", "2", "--classes", "0-1", "--per-class", "2",
+            "--batch-size", "2", "--workers", "1", "--out", str(out)]
+    try:
+        refused = subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                                 timeout=180, preexec_fn=without_permission_override if os.geteuid() == 0 else None)
+    except subprocess.SubprocessError as e:
+        pytest.skip(f"cannot run the job without root's permission override here ({e})")
+    finally:
+        out.chmod(0o755)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --out {out} is not writable (Permission denied)"], refused.stderr
+    assert "Traceback" not in refused.stderr and list(out.iterdir()) == []
+    assert (tmp_path / "notes.txt").read_text() == "a neighbour's file"
+
+    manifest = class_manifest([0, 1], per_class=2, seed=0)
+    rerun = run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2)
+    assert rerun.complete and rerun.rows_attempted == 4
+    assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 1 MiB tmpfs, or a skip naming why it cannot be mounted (not root, no CAP_SYS_ADMIN)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the full-disk test: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_full_disk_is_reported_with_counts_in_one_line_then_a_rerun_writes_every_row_once(ray_local, small_filesystem):
+    out = small_filesystem / "out"
+    ballast = small_filesystem / "ballast"  # a neighbour's file that fills the disk
+    free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
+    ballast.write_bytes(b"\0" * (free - 12 * 1024))  # room for the lease and the run record, not a data file
+    manifest = class_manifest([0, 1, 2, 3], per_class=2, seed=0)
+
+    full = run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2)
+    counts = full.reconciliation
+    assert not full.complete and counts.asked == 8 and counts.written + counts.failed + counts.missing == 8
+    assert counts.missing > 0 and "\n" not in full.failure and "\\n" not in full.failure
+    assert full.failure.startswith("OSError: [Errno 28]") and "No space left on device" in full.failure
+    assert [p.name for p in out.iterdir()] == ["_run.json"]  # the half-written file removed; no lease left
+    assert ballast.stat().st_size == free - 12 * 1024
+
+    ballast.unlink()  # space freed
+    rerun = run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2)
+    assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
+    assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
