@@ -12,6 +12,7 @@ What the output location holds and who may touch what is in jobs/outputs.py; the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -57,6 +58,7 @@ class GenerateSummary:
     workers: int
     device: str
     failure: str | None = None  # why the run stopped early, in one line
+    shadow: dict | None = None  # with --shadow: jobs.shadow_watch.ShadowOptions.record()
 
     @property
     def complete(self) -> bool:
@@ -80,7 +82,7 @@ class GenerateBatch:
     """Ray Data callable class: one instance per actor, the model loaded once in __init__."""
 
     def __init__(self, generator_config: dict, plan_json: str | None = None, torch_threads: int | None = None,
-                 progress=None):
+                 progress=None, shadow: dict | None = None, shadow_watch=None):
         import ray
         import torch
 
@@ -98,11 +100,23 @@ class GenerateBatch:
         self.node_id = context.get_node_id()
         self.worker_id = context.get_actor_id() or f"pid-{os.getpid()}"
         self.progress = progress  # a jobs.console.row_counter() actor, told how many rows each batch finished
+        # {"fraction", "keep_images"}: the rows (pipelines.shadow.is_shadow) also generated uncached
+        self.shadow = shadow or {"fraction": 0.0, "keep_images": False}
+        self.shadow_watch = shadow_watch  # a jobs.shadow_watch.ShadowWatch actor, told the shadows' PSNRs
 
     def generate(self, requests: list) -> list[dict]:
         from pipelines.runner import run_batch
+        from pipelines.shadow import shadow_rows
 
-        return run_batch(self.generator, requests, self.policy).rows
+        cached = run_batch(self.generator, requests, self.policy)
+        if not self.shadow["fraction"]:
+            return cached.rows
+        shadows = shadow_rows(self.generator, requests, cached, self.policy, self.shadow["fraction"],
+                              keep_images=self.shadow["keep_images"])
+        psnrs = [s["shadow_psnr"] for s in shadows if s]
+        if psnrs and self.shadow_watch is not None:
+            self.shadow_watch.add.remote(psnrs)
+        return [{**row, **extra} for row, extra in zip(cached.rows, shadows)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.base import Request
@@ -151,6 +165,7 @@ def run_generate(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     command: str = "",
     batch_class: type = GenerateBatch,
+    shadow=None,
 ) -> GenerateSummary:
     """Generate every manifest row not yet written without error under `out`, then reconcile.
 
@@ -178,6 +193,7 @@ def run_generate(
             manifest, location, lease, request, generator_config, schema=schema, plan_json=plan_json,
             batch_size=batch_size, workers=workers, address=address, rows_per_file=rows_per_file,
             overwrite=overwrite, max_attempts=max_attempts, command=command, batch_class=batch_class,
+            shadow=shadow,
         )
     finally:
         lease.release()
@@ -202,7 +218,7 @@ def _interrupt_main() -> None:
 
 
 def _run_holding_lease(manifest, location, lease, request, generator_config, *, schema, plan_json, batch_size,
-                       workers, address, rows_per_file, overwrite, max_attempts, command, batch_class):
+                       workers, address, rows_per_file, overwrite, max_attempts, command, batch_class, shadow=None):
     record = RunRecord.load(location)
     inventory = outputs.Inventory.take(location, record)
     inventory.refuse_foreign(location)
@@ -234,7 +250,8 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
         if todo.num_rows:
             workers_used, device = _write(todo, location, run_id, generator_config, plan_json=plan_json,
                                           batch_size=batch_size, workers=workers, address=address,
-                                          rows_per_file=rows_per_file, batch_class=batch_class)
+                                          rows_per_file=rows_per_file, batch_class=batch_class,
+                                          shadow=shadow)
         else:
             log.warning("all %d rows are already in %s; nothing to generate", manifest.num_rows, location.uri)
     except KeyboardInterrupt as e:
@@ -244,6 +261,8 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
     except Exception as e:  # noqa: BLE001 - a failed write is reported in one line, with what did get written
         failure = one_line(e)
     seconds = time.perf_counter() - started
+    if shadow is not None and shadow.stopped and not lease.lost.is_set():
+        interrupted, failure = None, f"stopped on drift ({shadow.drift})"  # --stop-on-drift: not a Ctrl-C
 
     unknown = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
     if lease.lost.is_set():
@@ -259,10 +278,13 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
         out=location.uri, run_id=run_id, rows_already_there=already_there, rows_attempted=todo.num_rows,
         rows_retried=retried, rows_exhausted=exhausted, reconciliation=reconciliation, seconds=seconds,
         workers=workers_used, device=device, failure=failure,
+        shadow=shadow.record() if shadow is not None and shadow.enabled else None,
     )
     status = "complete" if summary.complete else ("interrupted" if interrupted else "incomplete")
     entry.update(finished_at=utc_now(), status=status, written=reconciliation.written, failed=reconciliation.failed,
                  missing=reconciliation.missing, message=failure)
+    if summary.shadow is not None:
+        entry["shadow"] = summary.shadow
     try:
         if not lease.lost.is_set():
             record.save(location)  # written last: "complete" only once the rows are reconciled
@@ -330,11 +352,12 @@ def _rows_to_do(manifest: pa.Table, rows: outputs.Rows, max_attempts: int):
 
 
 def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, workers, address, rows_per_file,
-           batch_class) -> tuple[int, str]:
+           batch_class, shadow=None) -> tuple[int, str]:
     import ray
 
     from jobs import console, hf_features
     from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for
+    from jobs.shadow_watch import DriftMonitor, start_watch
     from pipelines.build import class_names
 
     ensure_ray(address)
@@ -359,6 +382,7 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
     named = hf_features.with_metadata(todo.schema, class_names(generator_config.model))
     ds = ray.data.from_arrow(_split_blocks(todo.replace_schema_metadata(named.metadata), rows_per_block))
     counter = console.row_counter()
+    watch = start_watch(shadow) if shadow is not None and shadow.enabled else None
     ds = ds.map_batches(
         batch_class,
         batch_size=batch_size,
@@ -367,7 +391,9 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
         num_gpus=1 if gpus else 0,
         num_cpus=actor_cpus,
         fn_constructor_kwargs=dict(
-            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads, progress=counter
+            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads, progress=counter,
+            **({} if watch is None else dict(shadow={"fraction": shadow.fraction, "keep_images": shadow.keep_images},
+                                             shadow_watch=watch)),
         ),
     )
     fs, path = filesystem_for(location.uri)
@@ -375,7 +401,8 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
         "generating %d images with %d %s actor(s), batch size %d; output: %s (run %s)",
         todo.num_rows, workers, "GPU" if gpus else "CPU", batch_size, location.uri, run_id,
     )
-    with console.Progress("generate", todo.num_rows) as progress:
+    monitor = DriftMonitor(watch, shadow, on_stop=_interrupt_main) if watch is not None else contextlib.nullcontext()
+    with console.Progress("generate", todo.num_rows) as progress, monitor:
         progress.follow(console.read_counter(counter))
         ds.write_parquet(
             path, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=outputs.filename_provider(run_id),
