@@ -357,6 +357,24 @@ def computed_cache_bytes(generator, plan, batch: int) -> int:
     return peak
 
 
+def published_plan_cache_bytes(config: CheckConfig) -> list[dict]:
+    """Cache bytes per image of the published paper plans at the full check's shapes (DiT-XL/2 256², CFG batched;
+    FLUX.1-dev 1024²), in `config.dtype`, from shapes alone: the models are built on the meta device (no weights,
+    no device needed) and `computed_cache_bytes` walks the runtime's schedule. The device run then shows the same
+    figure next to what the cache contexts held and the allocator's peak."""
+    full = replace(CheckConfig(), dtype=config.dtype, device="meta")
+    figures = []
+    for build, names in ((build_dit, ("dit-fast", "dit-slow")), (build_flux, ("flux-fast",))):
+        generator = build(full)
+        for name in names:
+            plan, note = paper_plan(generator, name)
+            figures.append({
+                "model": generator.model_id.replace("random-init:", ""), "plan": f"InvarDiff paper {name}",
+                "dtype": full.dtype, "cache_bytes_per_image": computed_cache_bytes(generator, plan, 1), "note": note,
+            })  # fmt: skip
+    return figures
+
+
 class HeldBytes:
     """The most bytes InvarDiff's cache contexts hold between steps (`invardiff_cache_contents` after each call)."""
 
@@ -672,6 +690,11 @@ def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callabl
 
     # Order: what the targets need first (DiT batch 8, FLUX), then DiT batch 32, then the compiled rows, whose
     # compile time is the least predictable. Both models stay on the device (1.4 + 24 GB in bf16).
+    cache_figures = published_plan_cache_bytes(config)
+    notes.extend(
+        f"cache bytes per image from shapes, {f['model']} {f['plan']} ({f['dtype']}): {f['cache_bytes_per_image']:,}"
+        for f in cache_figures
+    )
     dit = build_dit(config)
     dit_eager, dit_compiled = dit_rows(dit, config, log)
     run([Group(dit.model_id, dit, config.dit_batches[0], False, dit_eager)])

@@ -91,3 +91,20 @@ def test_a_spent_budget_skips_the_group_and_says_why():
     assert rows == []
     assert [s["method"] for s in skipped] == ["uncached", "other"]
     assert "time budget" in skipped[0]["reason"] and "reference was not run" in skipped[1]["reason"]
+
+
+def test_cache_bytes_of_the_published_plans_at_full_size_from_shapes_alone(smoke):
+    _, result = smoke
+    figures = {(f["model"], f["plan"]): f["cache_bytes_per_image"]
+               for f in gpu_check.published_plan_cache_bytes(gpu_check.CheckConfig())}  # fmt: skip
+    d, tokens = 16 * 72, 256  # DiT-XL/2 width; 32x32 latent in 2x2 patches
+    # DiT books compute every module on non-gated steps: only H is held, for the CFG pair, in bf16
+    assert figures[("DiT-XL-2-256", "InvarDiff paper dit-fast")] == 2 * tokens * d * 2
+    assert figures[("DiT-XL-2-256", "InvarDiff paper dit-slow")] == 2 * tokens * d * 2
+    # FLUX fast: rows 23-26 reuse every module, so every site's output is held (no H then: step 23 computes);
+    # per dual block the joint attention (image + text), ff (image), ff_context (text); per single block the
+    # attention (image + text) and proj_mlp (4x wide)
+    image, text, d = (1024 // 16) ** 2, 512, 24 * 128
+    sites = 19 * ((image + text) + image + text) + 38 * ((image + text) + 4 * (image + text))
+    assert figures[("FLUX.1-dev-shaped", "InvarDiff paper flux-fast")] == sites * d * 2
+    assert sum("cache bytes per image from shapes" in note for note in result["notes"]) == 3
