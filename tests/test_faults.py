@@ -417,17 +417,20 @@ def test_full_disk_is_reported_with_counts_in_one_line_then_a_rerun_writes_every
     ballast = small_filesystem / "ballast"  # a neighbour's file that fills the disk
     free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
     ballast.write_bytes(b"\0" * (free - 12 * 1024))  # room for the lease and the run record, not a data file
-    manifest = class_manifest([0, 1, 2, 3], per_class=2, seed=0)
-
-    full = run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2)
-    counts = full.reconciliation
-    assert not full.complete and counts.asked == 8 and counts.written + counts.failed + counts.missing == 8
-    assert counts.missing > 0 and "\n" not in full.failure and "\\n" not in full.failure
-    assert full.failure.startswith("OSError: [Errno 28]") and "No space left on device" in full.failure
+    # The failing run is the CLI in its own process: what the user sees, and its Ray goes with it.
+    full = subprocess.run([INVARDIFF, "generate", "--model", "tiny-dit", "--steps", "2", "--classes", "0-3",
+                           "--per-class", "2", "--batch-size", "2", "--workers", "1", "--out", str(out)],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert full.returncode == 1, full.stdout + full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "\\n" not in errors[0], full.stderr
+    assert errors[0].startswith("error: run incomplete (OSError: [Errno 28] ") and "No space left on device" in errors[0]
+    assert "8 rows asked: 0 written, 0 failed, 8 missing" in errors[0]
     assert [p.name for p in out.iterdir()] == ["_run.json"]  # the half-written file removed; no lease left
     assert ballast.stat().st_size == free - 12 * 1024
 
     ballast.unlink()  # space freed
+    manifest = class_manifest([0, 1, 2, 3], per_class=2, seed=0)
     rerun = run_generate(manifest, str(out), TINY, schema=SCHEMA, batch_size=2)
-    assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
+    assert rerun.complete and rerun.rows_attempted == 8
     assert ids_in(str(out)) == Counter(manifest.column("id").to_pylist())
