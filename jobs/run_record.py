@@ -5,7 +5,9 @@ and one entry per run (asked, written, failed, missing; when; how it ended).
      "request": {model fingerprint, architecture, scheduler, steps, resolution, guidance, dtype, layers,
                  policy, plan_id},
      "runs": [{"run_id", "command", "started_at", "finished_at", "status", "asked", "already_there",
-               "written", "failed", "missing", "max_attempts", "message"}, ...]}
+               "written", "failed", "missing", "max_attempts", "message",
+               "shadow" (with generate --shadow): {"fraction", "min_psnr", "rows", "mean_psnr",
+                                                   "drift" (the alarm's line, or null), "stopped"}}, ...]}
 
 A run's entry is written (status "running") before its first data file, so every data file the job writes,
 `<run_id>_<write>_<task>.parquet`, is attributable to a run the record lists; anything else in the location is
