@@ -252,18 +252,19 @@ def generate(
     import signal
 
     from jobs.generate import run_generate
-    from jobs.manifest import class_manifest, parse_class_range, prompt_manifest, read_manifest
+    from jobs.manifest import parse_class_range, prompt_manifest
+    from jobs.manifest_source import ClassRange, ManifestFile, ManifestTable
     from jobs.ray_runtime import storage_options_for
 
     sources = [s for s in (manifest, classes, prompt) if s]
     if len(sources) != 1:
         raise UserError("give exactly one of --manifest, --classes or --prompt")
-    if manifest:
-        table = read_manifest(manifest, storage_options=storage_options_for(manifest))
+    if manifest:  # streamed: read in chunks on the driver to validate, then by Ray Data's readers
+        table = ManifestFile(manifest, storage_options_for(manifest))
     elif classes:
-        table = class_manifest(parse_class_range(classes), per_class, seed)
+        table = ClassRange(tuple(parse_class_range(classes)), per_class, seed)
     else:
-        table = prompt_manifest(list(prompt), per_prompt, seed)
+        table = ManifestTable(prompt_manifest(list(prompt), per_prompt, seed))
     schema = _manifest_schema(model)
     from jobs.shadow_watch import ShadowOptions
 
@@ -688,7 +689,9 @@ app.command(
 def bench(
     out: Path = typer.Option(..., "--out", help="Directory for table.md, pareto.png and results.json."),
     quick: bool = typer.Option(False, "--quick", help="Smoke run, one point per method (<= 5 min on 2 CPUs)."),
-    model: str = typer.Option("digits", "--model", help="digits, tiny-dit, or a DiT-XL/2 checkpoint path/URI."),
+    model: str = typer.Option(
+        "digits", "--model", help="digits, tiny-dit, tiny-flux, or a DiT-XL/2 or FLUX checkpoint path/URI."
+    ),
     random_dit_xl: bool = typer.Option(False, "--random-dit-xl", help="DiT-XL/2 256px, random init (GPU timing)."),
     images: Optional[int] = typer.Option(None, "--images", min=1, help="Evaluated images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per timing round."),

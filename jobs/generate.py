@@ -1,8 +1,10 @@
 """The generation job: manifest -> Ray Data actors running a cached diffusion pipeline -> Parquet.
 
-    driver, before Ray starts:  validate the manifest, the plan against the pipeline's signature,
-                                take the output's lease (the write probe), read its run record and files
-    -> from_arrow(rows still to do) -> map_batches(GenerateBatch, ActorPoolStrategy) -> write_parquet
+    driver, before Ray starts:  validate the manifest in one streaming pass (keeping its ids, not its rows),
+                                the plan against the pipeline's signature, take the output's lease (the write
+                                probe), read its run record and the ids already written
+    -> the manifest read by Ray Data (jobs/manifest_source.py) -> keep the rows still to do
+    -> map_batches(GenerateBatch, ActorPoolStrategy) -> write_parquet
     driver, after:              compact (one row per id), reconcile asked vs written, close the run record
 
 Each actor loads the model once and attaches the cache hooks; each call generates one batch with per-row
@@ -20,6 +22,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -27,7 +30,8 @@ from jobs import outputs
 from jobs.errors import JobInputError
 from jobs.lease import Lease
 from jobs.location import Location
-from jobs.manifest import ManifestSchema, validate_manifest
+from jobs.manifest import ManifestIndex, ManifestSchema, scan_chunks
+from jobs.manifest_source import ManifestSource, as_source, normalised_chunks, rows_dataset
 from jobs.run_record import RunRecord, new_run_id, request_of, utc_now
 from pipelines.build import GeneratorConfig
 
@@ -38,6 +42,11 @@ log = logging.getLogger("invardiff")
 ACTOR_START_TIMEOUT_S = int(os.environ.get("INVARDIFF_ACTOR_START_TIMEOUT_S", "1800"))
 # A Parquet write encodes a block of PNG bytes: light, but it needs a CPU slot left free (see below).
 WRITE_TASK_CPUS = 0.25
+# Reading the manifest and picking the rows still to do: light tasks that fit beside the write tasks.
+READ_TASK_CPUS = 0.1
+# Rows per output file, at most: big enough for downstream readers, small enough that a file lands every few
+# minutes on a GPU pool (fewer rows per file when the whole run is small, so its work still spreads).
+DEFAULT_MAX_ROWS_PER_FILE = 10_000
 DEFAULT_MAX_ATTEMPTS = 3
 
 
@@ -145,12 +154,8 @@ class GenerateBatch:
         return outputs.rows_to_table(rows, manifest_schema=batch.schema)
 
 
-def _split_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-
-
 def run_generate(
-    manifest: pa.Table,
+    manifest: pa.Table | ManifestSource,
     out: str,
     generator_config: GeneratorConfig,
     *,
@@ -169,14 +174,17 @@ def run_generate(
 ) -> GenerateSummary:
     """Generate every manifest row not yet written without error under `out`, then reconcile.
 
-    Everything that can be checked on the driver is checked before Ray starts (JobInputError and its kin);
-    `batch_class` is the actor class (a subclass of GenerateBatch; tests inject faults through it)."""
+    `manifest` is a table in memory or a streamed source (jobs.manifest_source: a Parquet/JSONL file, local or
+    on S3, or a class range). Everything that can be checked on the driver is checked before Ray starts
+    (JobInputError and its kin); `batch_class` is the actor class (a subclass of GenerateBatch; tests inject
+    faults through it)."""
     from jobs import console
     from jobs.plan_store import signature_for
 
     if max_attempts < 1:
         raise JobInputError(f"--max-attempts must be at least 1, got {max_attempts}")
-    manifest = validate_manifest(manifest, schema)
+    source = as_source(manifest, schema)
+    index = scan_chunks(source.chunks(), schema)
     _check_device(generator_config, address)
     signature = signature_for(generator_config, address)
     policy = make_policy(plan_json, num_steps=signature.num_inference_steps)
@@ -190,7 +198,7 @@ def run_generate(
     try:
         lease.keep_alive(on_lost=_interrupt_main)
         return _run_holding_lease(
-            manifest, location, lease, request, generator_config, schema=schema, plan_json=plan_json,
+            source, index, location, lease, request, generator_config, schema=schema, plan_json=plan_json,
             batch_size=batch_size, workers=workers, address=address, rows_per_file=rows_per_file,
             overwrite=overwrite, max_attempts=max_attempts, command=command, batch_class=batch_class,
             shadow=shadow,
@@ -217,7 +225,7 @@ def _interrupt_main() -> None:
     _thread.interrupt_main()  # the main thread stops as on Ctrl-C; run_generate then says the lease was lost
 
 
-def _run_holding_lease(manifest, location, lease, request, generator_config, *, schema, plan_json, batch_size,
+def _run_holding_lease(source, index, location, lease, request, generator_config, *, schema, plan_json, batch_size,
                        workers, address, rows_per_file, overwrite, max_attempts, command, batch_class, shadow=None):
     record = RunRecord.load(location)
     inventory = outputs.Inventory.take(location, record)
@@ -235,25 +243,25 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
                 "use another --out, or --overwrite to replace the rows there"
             )
     rows = _settle(location, record)  # heals duplicates left by a run stopped between writing and compacting
-    _refuse_conflicting_rows(manifest, rows, schema, location)
-    todo, already_there, retried, exhausted = _rows_to_do(manifest, rows, max_attempts)
+    _refuse_conflicting_rows(source, index, rows, schema, location)
+    todo = Todo.of(index, rows, max_attempts)
 
     record = record or RunRecord(request=request)
     run_id = new_run_id()
-    entry = record.start_run(run_id, command, asked=manifest.num_rows, already_there=already_there,
+    entry = record.start_run(run_id, command, asked=index.num_rows, already_there=todo.already_there,
                              max_attempts=max_attempts)
     record.save(location)  # before the first data file: every file of this run is attributable to it
 
     failure, workers_used, device, interrupted = None, 0, "none", None
     started = time.perf_counter()
     try:
-        if todo.num_rows:
-            workers_used, device = _write(todo, location, run_id, generator_config, plan_json=plan_json,
-                                          batch_size=batch_size, workers=workers, address=address,
-                                          rows_per_file=rows_per_file, batch_class=batch_class,
+        if todo.count:
+            workers_used, device = _write(source, index, todo, location, run_id, generator_config, schema=schema,
+                                          plan_json=plan_json, batch_size=batch_size, workers=workers,
+                                          address=address, rows_per_file=rows_per_file, batch_class=batch_class,
                                           shadow=shadow)
         else:
-            log.warning("all %d rows are already in %s; nothing to generate", manifest.num_rows, location.uri)
+            log.warning("all %d rows are already in %s; nothing to generate", index.num_rows, location.uri)
     except KeyboardInterrupt as e:
         interrupted = e
         failure = "lost the lease to another job" if lease.lost.is_set() else "interrupted"
@@ -264,19 +272,20 @@ def _run_holding_lease(manifest, location, lease, request, generator_config, *, 
     if shadow is not None and shadow.stopped and not lease.lost.is_set():
         interrupted, failure = None, f"stopped on drift ({shadow.drift})"  # --stop-on-drift: not a Ctrl-C
 
-    unknown = outputs.Reconciliation(manifest.num_rows, 0, 0, manifest.num_rows, ())
+    unknown = outputs.Reconciliation(index.num_rows, 0, 0, index.num_rows, ())
     if lease.lost.is_set():
         reconciliation = unknown  # the location is another job's now: not ours to read, clean or write
     else:
         try:
-            reconciliation = outputs.reconcile(_settle(location, record), manifest.column("id"))
+            after = _settle(location, record) if todo.count else rows  # nothing written: nothing new to read
+            reconciliation = outputs.reconcile(after, index.ids)
         except Exception as e:  # noqa: BLE001 - the storage itself failed: say so, and what is unknown
             failure = failure or one_line(e)
             reconciliation = unknown
             log.error("could not read back %s to reconcile (%s)", location.uri, one_line(e))
     summary = GenerateSummary(
-        out=location.uri, run_id=run_id, rows_already_there=already_there, rows_attempted=todo.num_rows,
-        rows_retried=retried, rows_exhausted=exhausted, reconciliation=reconciliation, seconds=seconds,
+        out=location.uri, run_id=run_id, rows_already_there=todo.already_there, rows_attempted=todo.count,
+        rows_retried=todo.retried, rows_exhausted=todo.exhausted, reconciliation=reconciliation, seconds=seconds,
         workers=workers_used, device=device, failure=failure,
         shadow=shadow.record() if shadow is not None and shadow.enabled else None,
     )
@@ -306,53 +315,91 @@ def _settle(location: Location, record: RunRecord | None) -> outputs.Rows:
     return rows
 
 
-def _refuse_conflicting_rows(manifest: pa.Table, rows: outputs.Rows, schema: ManifestSchema, location: Location):
+def _refuse_conflicting_rows(source: ManifestSource, index: ManifestIndex, rows: outputs.Rows, schema: ManifestSchema,
+                             location: Location) -> None:
     """An id already in the output must stand for the same image: same seed and the same class or prompt."""
     if rows.table.num_rows == 0:
         return
     condition = schema.condition
     there = rows.table.select(["id", "seed", condition]).group_by("id").aggregate([("seed", "min"), (condition, "min")])
     there = there.rename_columns(["id", "seed_there", f"{condition}_there"])
-    joined = manifest.select(["id", "seed", condition]).join(there, "id", join_type="inner")
-    differs = pc.or_(
-        pc.not_equal(joined.column("seed"), joined.column("seed_there")),
-        pc.not_equal(joined.column(condition), joined.column(f"{condition}_there")),
-    )
-    clashes = joined.filter(pc.fill_null(differs, True))
-    if clashes.num_rows:
-        first = clashes.slice(0, 3).to_pylist()
+    clashes, first = 0, []
+    for chunk in normalised_chunks(source, schema, index):
+        joined = chunk.select(["id", "seed", condition]).join(there, "id", join_type="inner")
+        differs = pc.or_(
+            pc.not_equal(joined.column("seed"), joined.column("seed_there")),
+            pc.not_equal(joined.column(condition), joined.column(f"{condition}_there")),
+        )
+        clashing = joined.filter(pc.fill_null(differs, True))
+        clashes += clashing.num_rows
+        first += clashing.slice(0, 3 - len(first)).to_pylist()
+    if clashes:
         shown = "; ".join(
             f"id {r['id']!r}: seed {r['seed_there']} and {condition} {r[condition + '_there']!r} there, "
             f"seed {r['seed']} and {condition} {r[condition]!r} asked"
             for r in first
         )
         raise RequestMismatchError(
-            f"--out {location.uri}: {clashes.num_rows} id(s) of the manifest were generated there for another request "
+            f"--out {location.uri}: {clashes} id(s) of the manifest were generated there for another request "
             f"({shown}); use another --out, or --overwrite to replace the rows there"
         )
 
 
-def _rows_to_do(manifest: pa.Table, rows: outputs.Rows, max_attempts: int):
-    """(rows to send to the actors with their attempt number, rows already written, retried, exhausted)."""
-    kept, _ = rows.resolved()
-    kept = kept[kept["id"].isin(set(manifest.column("id").to_pylist()))]
-    done = set(kept.loc[kept["ok"], "id"])
-    failed = kept.loc[~kept["ok"], ["id", "attempt"]]
-    exhausted = set(failed.loc[failed["attempt"] >= max_attempts, "id"])
-    next_attempt = {i: int(a) + 1 for i, a in zip(failed["id"], failed["attempt"]) if i not in exhausted}
-    ids = manifest.column("id").to_pylist()
-    todo_mask = pa.array([i not in done and i not in exhausted for i in ids])
-    todo = manifest.filter(todo_mask)
-    attempts = [next_attempt.get(i, 1) for i in todo.column("id").to_pylist()]
-    todo = todo.append_column("attempt", pa.array(attempts, pa.int32()))
-    if exhausted:
-        log.warning("%d row(s) failed %d time(s) already and are not retried (raise --max-attempts to retry them)",
-                    len(exhausted), max_attempts)
-    return todo, len(done), len(next_attempt), len(exhausted)
+@dataclass(frozen=True)
+class Todo:
+    """Which manifest rows a run sends to the actors, as ids (the rows themselves stream from the source)."""
+
+    skip: pa.Array  # ids not to generate: written without error, or failed max_attempts times
+    retries: pa.Table  # id, attempt: error rows of earlier runs, with the attempt number they get now
+    count: int  # rows to generate
+    already_there: int
+    retried: int
+    exhausted: int
+
+    @classmethod
+    def of(cls, index: ManifestIndex, rows: outputs.Rows, max_attempts: int) -> Todo:
+        kept, _ = rows.resolved()
+        kept = kept[kept["id"].isin(index.ids.to_numpy(zero_copy_only=False))]
+        done = kept.loc[kept["ok"], "id"]
+        failed = kept.loc[~kept["ok"], ["id", "attempt"]]
+        exhausted = failed.loc[failed["attempt"] >= max_attempts, "id"]
+        retried = failed[failed["attempt"] < max_attempts]
+        if len(exhausted):
+            log.warning("%d row(s) failed %d time(s) already and are not retried (raise --max-attempts to retry them)",
+                        len(exhausted), max_attempts)
+        skip = pa.array(list(done) + list(exhausted), pa.string())
+        retries = pa.table({"id": pa.array(list(retried["id"]), pa.string()),
+                            "attempt": pa.array([int(a) + 1 for a in retried["attempt"]], pa.int32())})
+        return cls(skip, retries, index.num_rows - len(skip), len(done), len(retried), len(exhausted))
 
 
-def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, workers, address, rows_per_file,
-           batch_class, shadow=None) -> tuple[int, str]:
+def select_todo(batch: pa.Table, *, todo_refs: list, metadata: dict | None) -> pa.Table:
+    """The batch's rows still to do, with the attempt each one is (a Ray Data task: the ids travel by reference,
+    fetched once per worker process)."""
+    skip, retries = _fetch_todo(todo_refs)
+    if len(skip):
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=skip)))
+    attempt = pc.fill_null(pc.take(retries.column("attempt"), pc.index_in(batch.column("id"), value_set=retries.column("id"))), 1) \
+        if retries.num_rows else pa.array(np.ones(batch.num_rows, np.int32))
+    batch = batch.append_column("attempt", attempt.cast(pa.int32()))
+    return batch.replace_schema_metadata(metadata)
+
+
+_TODO_CACHE: dict[str, tuple] = {}
+
+
+def _fetch_todo(refs: list) -> tuple[pa.Array, pa.Table]:
+    import ray
+
+    key = refs[0].hex()
+    if key not in _TODO_CACHE:
+        _TODO_CACHE.clear()
+        _TODO_CACHE[key] = tuple(ray.get(refs))
+    return _TODO_CACHE[key]
+
+
+def _write(source, index, todo: Todo, location, run_id, generator_config, *, schema, plan_json, batch_size, workers,
+           address, rows_per_file, batch_class, shadow=None) -> tuple[int, str]:
     import ray
 
     from jobs import console, hf_features
@@ -377,10 +424,16 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
         actor_cpus, torch_threads = cpu_actor_shape(workers)
 
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
-    rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.num_rows / (workers * 2))))
-    # The class names ride on the manifest's schema to the actors, which write them as ClassLabel metadata.
-    named = hf_features.with_metadata(todo.schema, class_names(generator_config.model))
-    ds = ray.data.from_arrow(_split_blocks(todo.replace_schema_metadata(named.metadata), rows_per_block))
+    rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.count / (workers * 2))))
+    if rows_per_file is None:
+        rows_per_file = max(rows_per_block, min(DEFAULT_MAX_ROWS_PER_FILE, math.ceil(todo.count / (workers * 4))))
+    # The class names ride on the rows' schema to the actors, which write them as ClassLabel metadata.
+    named = hf_features.with_metadata(index.schema, class_names(generator_config.model))
+    todo_refs = [ray.put(todo.skip), ray.put(todo.retries)]
+    ds = rows_dataset(source, schema, index, cpus=READ_TASK_CPUS)
+    ds = ds.map_batches(select_todo, batch_size=None, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
+                        fn_kwargs={"todo_refs": todo_refs, "metadata": named.metadata})
+    ds = _in_blocks_of(ds, rows_per_block)
     counter = console.row_counter()
     watch = start_watch(shadow) if shadow is not None and shadow.enabled else None
     ds = ds.map_batches(
@@ -399,16 +452,32 @@ def _write(todo, location, run_id, generator_config, *, plan_json, batch_size, w
     fs, path = filesystem_for(location.uri)
     log.info(
         "generating %d images with %d %s actor(s), batch size %d; output: %s (run %s)",
-        todo.num_rows, workers, "GPU" if gpus else "CPU", batch_size, location.uri, run_id,
+        todo.count, workers, "GPU" if gpus else "CPU", batch_size, location.uri, run_id,
     )
     monitor = DriftMonitor(watch, shadow, on_stop=_interrupt_main) if watch is not None else contextlib.nullcontext()
-    with console.Progress("generate", todo.num_rows) as progress, monitor:
+    with console.Progress("generate", todo.count) as progress, monitor:
         progress.follow(console.read_counter(counter))
         ds.write_parquet(
-            path, filesystem=fs, min_rows_per_file=rows_per_file, filename_provider=outputs.filename_provider(run_id),
+            path, filesystem=fs, min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file,
+            filename_provider=outputs.filename_provider(run_id),
             ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
         )
     return workers, "cuda" if gpus else "cpu"
+
+
+def _in_blocks_of(ds, rows: int):
+    """`ds.repartition(target_num_rows_per_block=rows)` (streaming), at READ_TASK_CPUS per task.
+
+    Blocks of a few batches spread the work over every actor. The public call asks 1 CPU per task, which never
+    schedules beside a CPU actor pool holding the rest of the node: Ray Data then waits forever. Ray is pinned
+    to 2.60 (pyproject.toml); tests/test_generate_job.py runs this on every job."""
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
+                              ray_remote_args={"num_cpus": READ_TASK_CPUS})
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 class _FileOnly(logging.Filter):
@@ -471,7 +540,8 @@ def cpu_actor_shape(workers: int) -> tuple[float, int]:
     """(CPUs reserved, torch intra-op threads) for each CPU actor.
 
     An actor reserves its node's CPUs shared among the actors that node gets (workers spread evenly),
-    less WRITE_TASK_CPUS for the Parquet writes: an actor pool that holds every CPU deadlocks Ray Data
+    less READ_TASK_CPUS + WRITE_TASK_CPUS for the manifest reads and Parquet writes: an actor pool that holds
+    every CPU deadlocks Ray Data
     (environment notes). Reserving the share, not a fixed 1 CPU, is what keeps two actors meant for two
     nodes from landing on one (Ray Data's SPREAD is best effort, and did colocate them), and threads
     follow the share: more threads than cores oversubscribes a node (on a busy 2-core machine one batch
@@ -482,7 +552,7 @@ def cpu_actor_shape(workers: int) -> tuple[float, int]:
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0)]
     smallest = min(node_cpus) if node_cpus else 1.0
     actors_per_node = math.ceil(workers / max(1, len(node_cpus)))
-    actor_cpus = max(0.05, (smallest - WRITE_TASK_CPUS) / actors_per_node)
+    actor_cpus = max(0.05, (smallest - READ_TASK_CPUS - WRITE_TASK_CPUS) / actors_per_node)
     override = os.environ.get("INVARDIFF_TORCH_THREADS")
     threads = int(override) if override else int(smallest // actors_per_node)
     return actor_cpus, max(1, threads)

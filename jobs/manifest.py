@@ -7,21 +7,27 @@ A manifest is Parquet or JSON Lines, local or any fsspec URI, one row per image:
   prompt       non-empty text (text-to-image FLUX models)
 Any other column is carried through to the output unchanged.
 
-Validation runs on the driver before any model is loaded, and reports every problem of the first 20 bad
-rows, naming the row number, its id and the field. Values are typed only once they are known to fit (a seed
+Validation runs on the driver before any model is loaded, in one streaming pass over chunks of the manifest
+(the driver keeps the ids, never the rows), and reports every problem of the first 20 bad rows, naming the
+row number, its id and the field, with the count of the rest. Values are typed only once they are known to fit (a seed
 or label past int64 is a named problem, not an OverflowError).
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 MAX_SEED = 2**63
 INT64 = (-(2**63), 2**63)
 MAX_REPORTED_ROWS = 20  # every problem of the first 20 bad rows is listed, so no bad row hides behind another
+CHUNK_ROWS = 65_536  # rows validated at a time: the driver's memory follows this, not the manifest's size
 MAX_CLASS_RANGE = 1_000_000  # '0-99999999999' is a typo, not a request for 10**11 classes
 RESERVED_OUTPUT_COLUMNS = {
     "png", "width", "height", "model_id", "policy", "plan_id", "latency_s", "batch_size", "steps_total",
@@ -63,19 +69,11 @@ def parse_class_range(text: str) -> list[int]:
 
 
 def class_manifest(classes: list[int], per_class: int, seed: int) -> pa.Table:
-    """Rows for `per_class` images of each class, seeds seed, seed+1, ... and ids `c{class}-s{seed}-{i}`: the id
-    names the request (the first seed included), so a rerun with another --seed never mistakes its rows for
-    these."""
-    if per_class < 1:
-        raise ManifestError(f"--per-class must be at least 1, got {per_class}")
-    labels = [c for c in classes for _ in range(per_class)]
-    _check_seed_range(seed, len(labels))
-    outside = [c for c in classes if not INT64[0] <= c < INT64[1]]
-    if outside:
-        raise ManifestError(f"--classes: {outside[0]} is not a 64-bit integer class id")
-    ids = [f"c{c}-s{seed}-{i}" for c in classes for i in range(per_class)]
-    seeds = [seed + i for i in range(len(labels))]
-    return pa.table({"id": ids, "seed": pa.array(seeds, pa.int64()), "class_label": pa.array(labels, pa.int64())})
+    """Rows for `per_class` images of each class, in memory (jobs.manifest_source.ClassRange streams them)."""
+    from jobs.manifest_source import ClassRange
+
+    source = ClassRange(tuple(classes), per_class, seed)
+    return source.rows(0, source.num_rows)
 
 
 def prompt_manifest(prompts: list[str], per_prompt: int, seed: int) -> pa.Table:
@@ -83,13 +81,13 @@ def prompt_manifest(prompts: list[str], per_prompt: int, seed: int) -> pa.Table:
     if per_prompt < 1:
         raise ManifestError(f"--per-prompt must be at least 1, got {per_prompt}")
     texts = [t for t in prompts for _ in range(per_prompt)]
-    _check_seed_range(seed, len(texts))
+    check_seed_range(seed, len(texts))
     ids = [f"p{p}-s{seed}-{i}" for p in range(len(prompts)) for i in range(per_prompt)]
     seeds = [seed + i for i in range(len(texts))]
     return pa.table({"id": ids, "seed": pa.array(seeds, pa.int64()), "prompt": texts})
 
 
-def _check_seed_range(seed: int, rows: int) -> None:
+def check_seed_range(seed: int, rows: int) -> None:
     if seed < 0 or seed + rows > MAX_SEED:
         raise ManifestError(f"--seed must be in [0, 2**63 - {rows}] so that all {rows} row seeds fit, got {seed}")
 
@@ -102,41 +100,77 @@ class RawManifest(dict):
         return len(next(iter(self.values()), []))
 
 
-def read_manifest(uri: str, storage_options: dict | None = None) -> RawManifest:
-    """Read a Parquet or JSONL manifest from a local path or fsspec URI."""
-    import json
+def manifest_format(uri: str) -> str:
+    """'parquet' or 'jsonl', from the file name; anything else is refused."""
+    ext = posixpath.splitext(uri.split("?")[0])[1].lower()
+    if ext in (".parquet", ".pq"):
+        return "parquet"
+    if ext in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    raise ManifestError(f"manifest {uri}: expected a .parquet or .jsonl file")
 
+
+def iter_manifest_chunks(uri: str, storage_options: dict | None = None,
+                         chunk_rows: int = CHUNK_ROWS) -> Iterator[RawManifest]:
+    """The manifest at a local path or fsspec URI, `chunk_rows` rows at a time: memory stays flat in its size."""
     import fsspec
     import pyarrow.parquet as pq
 
-    ext = posixpath.splitext(uri.split("?")[0])[1].lower()
-    if ext not in (".parquet", ".pq", ".jsonl", ".json", ".ndjson"):
-        raise ManifestError(f"manifest {uri}: expected a .parquet or .jsonl file")
+    fmt = manifest_format(uri)
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-            if ext in (".parquet", ".pq"):
-                return RawManifest(pq.read_table(f).to_pydict())
-            records = []
-            for n, line in enumerate(f.read().decode("utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"manifest {uri}: line {n} is not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ManifestError(f"manifest {uri}: line {n} is not a JSON object")
-                records.append(record)
+            if fmt == "parquet":
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
+                    yield RawManifest(batch.to_pydict())
+                return
+            records: list[dict] = []
+            start = end = 0
+            for n, line in enumerate(f, start=1):
+                end += len(line)
+                record = parse_jsonl_line(line.decode("utf-8"), where=f"manifest {uri}: line {n}")
+                if record is not None:
+                    records.append(record)
+                if len(records) == chunk_rows:
+                    yield records_to_raw(records, span=(start, end))
+                    records, start = [], end
+            if records:
+                yield records_to_raw(records, span=(start, end))
     except FileNotFoundError:
         raise ManifestError(f"manifest {uri}: no such file") from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"manifest {uri}: cannot read it ({e})") from None
+
+
+def parse_jsonl_line(line: str, where: str) -> dict | None:
+    """One JSONL record; None for a blank line (skipped, not a row)."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where} is not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise ManifestError(f"{where} is not a JSON object")
+    return record
+
+
+def records_to_raw(records: list[dict], span: tuple[int, int] | None = None) -> RawManifest:
     names = list(dict.fromkeys(k for r in records for k in r))
-    return RawManifest({name: [r.get(name) for r in records] for name in names})
+    raw = RawManifest({name: [r.get(name) for r in records] for name in names})
+    raw.span = span  # the chunk's byte range in its JSONL file: where a worker reads the same rows again
+    return raw
 
 
-def _row_ref(i: int, ids: list) -> str:
-    return f"row {i} (id {ids[i]!r})" if ids[i] is not None else f"row {i}"
+def read_manifest(uri: str, storage_options: dict | None = None) -> RawManifest:
+    """A whole Parquet or JSONL manifest, in memory (small manifests; a job streams it, jobs/manifest_source.py)."""
+    chunks = list(iter_manifest_chunks(uri, storage_options))
+    names = list(dict.fromkeys(name for chunk in chunks for name in chunk))
+    return RawManifest({name: [v for chunk in chunks for v in chunk.get(name, [None] * chunk.num_rows)]
+                        for name in names})
+
+
+def _row_ref(row: int, id_: str | None) -> str:
+    return f"row {row} (id {id_!r})" if id_ is not None else f"row {row}"
 
 
 def _integers(values: list) -> tuple[list, list[int]]:
@@ -157,95 +191,77 @@ def _integers(values: list) -> tuple[list, list[int]]:
     return out, bad
 
 
-def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> pa.Table:
-    """Return the manifest as a table with normalised types (id: string, seed: int64, class_label: int64),
-    or raise ManifestError listing every problem found."""
-    if isinstance(table, pa.Table):
-        table = RawManifest(table.to_pydict())
-    errors: list[tuple[int, str]] = []
-
-    def add(row: int, msg: str) -> None:
-        errors.append((row, msg))
-
-    if table.num_rows == 0:
-        raise ManifestError("manifest has no rows")
-    required = ["id", "seed", schema.condition]
-    missing = [c for c in required if c not in list(table)]
+def check_columns(names: list[str], schema: ManifestSchema) -> None:
+    """The manifest's columns against what the model needs and what the output reserves."""
+    missing = [c for c in ("id", "seed", schema.condition) if c not in names]
     if missing:
         other = "prompt" if schema.condition == "class_label" else "class_label"
-        hint = (
-            f" (this model is conditioned on {schema.condition}; the manifest has {other})"
-            if other in list(table) else ""
-        )
+        hint = f" (this model is conditioned on {schema.condition}; the manifest has {other})" if other in names else ""
         raise ManifestError(
-            f"manifest is missing column(s) {', '.join(missing)}{hint}; columns present: {', '.join(list(table))}"
+            f"manifest is missing column(s) {', '.join(missing)}{hint}; columns present: {', '.join(names)}"
         )
-    clashes = sorted(RESERVED_OUTPUT_COLUMNS & set(list(table)))
+    clashes = sorted(RESERVED_OUTPUT_COLUMNS & set(names))
     if clashes:
         raise ManifestError(f"manifest columns {', '.join(clashes)} are reserved for generation outputs; rename them")
 
-    raw_ids = table["id"]
+
+def check_rows(raw: RawManifest, schema: ManifestSchema, offset: int = 0) -> tuple[list[tuple[int, str]], pa.Table | None]:
+    """Every problem of each row on its own (row numbers counted from `offset`), and the rows with normalised
+    types (id: string, seed: int64, class_label: int64) when there is none. Ids repeated across rows are the
+    scan's business (ManifestScan), not a chunk's."""
+    problems: list[tuple[int, str]] = []
+    n = raw.num_rows
+    raw = RawManifest({name: raw.get(name, [None] * n) for name in dict.fromkeys(["id", "seed", schema.condition, *raw])})
+
     ids: list = []
-    for i, v in enumerate(raw_ids):
+    for i, v in enumerate(raw["id"]):
         if isinstance(v, bytes):  # a binary id column: its text, not the repr "b'a'"
             try:
                 v = v.decode("utf-8")
             except UnicodeDecodeError:
-                add(i, f"row {i}: id is binary and not UTF-8 text ({v[:20]!r})")
+                problems.append((offset + i, f"row {offset + i}: id is binary and not UTF-8 text ({v[:20]!r})"))
                 ids.append(None)
                 continue
         if v is None or (isinstance(v, str) and not v.strip()) or isinstance(v, (bool, float, list, dict)):
-            add(i, f"row {i}: id must be a non-empty string or integer, got {v!r}")
+            problems.append((offset + i, f"row {offset + i}: id must be a non-empty string or integer, got {v!r}"))
             ids.append(None)
         else:
             ids.append(str(v))
-    seen: dict[str, int] = {}
-    for i, v in enumerate(ids):
-        if v is None:
-            continue
-        if v in seen:
-            add(i, f"{_row_ref(i, ids)}: id duplicates row {seen[v]}")
-        else:
-            seen[v] = i
 
-    seeds, bad = _integers(table["seed"])
+    def add(i: int, msg: str) -> None:
+        problems.append((offset + i, f"{_row_ref(offset + i, ids[i])}: {msg}"))
+
+    seeds, bad = _integers(raw["seed"])
     for i in bad:
-        add(i, f"{_row_ref(i, ids)}: seed must be an integer, got {table['seed'][i]!r}")
+        add(i, f"seed must be an integer, got {raw['seed'][i]!r}")
     for i, s in enumerate(seeds):
         if s is not None and not 0 <= s < MAX_SEED:
-            add(i, f"{_row_ref(i, ids)}: seed must be in [0, 2**63), got {s}")
+            add(i, f"seed must be in [0, 2**63), got {s}")
 
     if schema.condition == "class_label":
-        labels, bad = _integers(table["class_label"])
+        labels, bad = _integers(raw["class_label"])
         for i in bad:
-            add(i, f"{_row_ref(i, ids)}: class_label must be an integer, got {table['class_label'][i]!r}")
+            add(i, f"class_label must be an integer, got {raw['class_label'][i]!r}")
         lo, hi = (0, schema.num_classes) if schema.num_classes is not None else INT64
         for i, c in enumerate(labels):
             if c is not None and not lo <= c < hi:
-                add(i, f"{_row_ref(i, ids)}: class_label {c} is not a class of this model ({lo}..{hi - 1})")
+                add(i, f"class_label {c} is not a class of this model ({lo}..{hi - 1})")
     else:
-        prompts = table["prompt"]
+        prompts = raw["prompt"]
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
-                add(i, f"{_row_ref(i, ids)}: prompt must be non-empty text, got {p!r}")
+                add(i, f"prompt must be non-empty text, got {p!r}")
 
-    if errors:
-        errors.sort(key=lambda e: e[0])  # stable: a row's problems stay in field order
-        bad_rows = sorted({row for row, _ in errors})
-        shown = [msg for row, msg in errors if row in set(bad_rows[:MAX_REPORTED_ROWS])]
-        more = (f"\n  ... and {len(errors) - len(shown)} more in {len(bad_rows) - MAX_REPORTED_ROWS} more row(s)"
-                if len(bad_rows) > MAX_REPORTED_ROWS else "")
-        raise ManifestError(f"manifest has {len(errors)} problem(s) in {len(bad_rows)} row(s):\n  "
-                            + "\n  ".join(shown) + more)
-
+    if problems:
+        problems.sort(key=lambda p: p[0])  # stable: a row's problems stay in field order
+        return problems, None
     # Typed only now: every value is known to fit (a seed or label past int64 would raise OverflowError).
     columns = {"id": pa.array(ids, pa.string()), "seed": pa.array(seeds, pa.int64())}
     if schema.condition == "class_label":
         columns["class_label"] = pa.array(labels, pa.int64())
     else:
         columns["prompt"] = pa.array(prompts, pa.string())
-
-    for name, values in table.items():
+    for name, values in raw.items():
         if name not in columns:
             try:
                 columns[name] = pa.array(values)
@@ -253,5 +269,145 @@ def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> 
                 raise ManifestError(f"manifest column {name!r} mixes value types; give it one type") from None
             except OverflowError:
                 raise ManifestError(f"manifest column {name!r} has an integer outside the 64-bit range") from None
-    return pa.table(columns)
+    return [], pa.table(columns)
 
+
+@dataclass(frozen=True)
+class ManifestIndex:
+    """What a job keeps of a validated manifest: its ids in order (for resume and reconciliation) and the schema
+    every row is given; never the rows."""
+
+    ids: pa.ChunkedArray
+    schema: pa.Schema
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+
+class ManifestScan:
+    """One streaming validation pass: `add` each chunk in order, then `finish`.
+
+    Memory grows with the ids (for the duplicate check and reconciliation), not with the rows; the problems of
+    the first MAX_REPORTED_ROWS bad rows are kept, the rest counted."""
+
+    def __init__(self, schema: ManifestSchema):
+        self.manifest_schema = schema
+        self.rows = 0
+        self.ids: list[pa.Array] = []
+        self.schema: pa.Schema | None = None
+        self.shown: list[tuple[int, str]] = []  # every problem of the first MAX_REPORTED_ROWS bad rows
+        self.problems = 0
+        self.bad_rows: list[np.ndarray] = []
+
+    def add(self, raw: RawManifest) -> pa.Table | None:
+        """Check one chunk; its rows normalised, or None when it has problems."""
+        if self.rows == 0:
+            check_columns(list(raw), self.manifest_schema)
+        else:
+            clashes = sorted(RESERVED_OUTPUT_COLUMNS & set(raw))
+            if clashes:
+                check_columns(list(raw), self.manifest_schema)
+        problems, table = check_rows(raw, self.manifest_schema, offset=self.rows)
+        if problems:
+            self._note(problems)
+            self.ids.append(pa.array([_id_or_none(v) for v in raw.get("id", [None] * raw.num_rows)], pa.string()))
+        else:
+            self.ids.append(table.column("id").combine_chunks())
+            self.schema = table.schema if self.schema is None else unify(self.schema, table.schema)
+        self.rows += raw.num_rows
+        return table
+
+    def _note(self, problems: list[tuple[int, str]]) -> None:
+        self.problems += len(problems)
+        rows = np.unique(np.fromiter((r for r, _ in problems), np.int64))
+        self.bad_rows.append(rows)
+        shown_rows = {r for r, _ in self.shown}
+        room = MAX_REPORTED_ROWS - len(shown_rows)
+        if room > 0:
+            keep = set(rows[:room].tolist())
+            self.shown.extend(p for p in problems if p[0] in keep)
+
+    def finish(self) -> ManifestIndex:
+        if self.rows == 0:
+            raise ManifestError("manifest has no rows")
+        ids = pa.chunked_array(self.ids, pa.string())
+        self._note_duplicates(ids)
+        if self.problems:
+            self.shown.sort(key=lambda p: p[0])
+            bad = np.unique(np.concatenate(self.bad_rows))
+            first = set(bad[:MAX_REPORTED_ROWS].tolist())
+            shown = [msg for row, msg in self.shown if row in first]
+            more = (f"\n  ... and {self.problems - len(shown)} more in {len(bad) - MAX_REPORTED_ROWS} more row(s)"
+                    if len(bad) > MAX_REPORTED_ROWS else "")
+            raise ManifestError(f"manifest has {self.problems} problem(s) in {len(bad)} row(s):\n  "
+                                + "\n  ".join(shown) + more)
+        return ManifestIndex(ids, self.schema)
+
+    def _note_duplicates(self, ids: pa.ChunkedArray) -> None:
+        rows = pa.table({"id": ids, "row": pa.array(np.arange(len(ids), dtype=np.int64))}).filter(pc.is_valid(ids))
+        first = rows.group_by("id", use_threads=False).aggregate([("row", "min"), ("row", "count")])
+        repeated = first.filter(pc.greater(first.column("row_count"), 1))
+        if repeated.num_rows == 0:
+            return
+        later = rows.join(repeated.select(["id", "row_min"]), "id", join_type="inner")
+        later = later.filter(pc.not_equal(later.column("row"), later.column("row_min"))).sort_by("row")
+        self.problems += later.num_rows
+        self.bad_rows.append(later.column("row").to_numpy())
+        # Only the first MAX_REPORTED_ROWS duplicates can be among the first bad rows shown.
+        self.shown.extend((r["row"], f"{_row_ref(r['row'], r['id'])}: id duplicates row {r['row_min']}")
+                          for r in later.slice(0, MAX_REPORTED_ROWS).to_pylist())
+
+
+def _id_or_none(v) -> str | None:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if v is None or isinstance(v, (bool, float, list, dict)) or (isinstance(v, str) and not v.strip()):
+        return None
+    return str(v)
+
+
+def unify(a: pa.Schema, b: pa.Schema) -> pa.Schema:
+    """The schema both chunks' rows fit (a column null in one chunk takes the other's type; ints widen to floats)."""
+    if a.equals(b):
+        return a
+    try:
+        return pa.unify_schemas([a, b], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        differs = [f.name for f in b if f.name in a.names and a.field(f.name).type != f.type]
+        name = differs[0] if differs else "?"
+        raise ManifestError(f"manifest column {name!r} mixes value types; give it one type") from None
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A chunk's rows in the manifest's unified schema (a column the chunk lacks is null there)."""
+    if table.schema.equals(schema):
+        return table
+    columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+               for f in schema]
+    return pa.table(columns, schema=schema)
+
+
+def scan_chunks(chunks: Iterable[RawManifest], schema: ManifestSchema) -> ManifestIndex:
+    scan = ManifestScan(schema)
+    for chunk in chunks:
+        scan.add(chunk)
+    return scan.finish()
+
+
+def table_chunks(table: pa.Table, chunk_rows: int = CHUNK_ROWS) -> Iterator[RawManifest]:
+    for batch in table.to_batches(max_chunksize=chunk_rows):
+        yield RawManifest(batch.to_pydict())
+
+
+def validate_manifest(table: pa.Table | RawManifest, schema: ManifestSchema) -> pa.Table:
+    """Return the manifest as a table with normalised types (id: string, seed: int64, class_label: int64),
+    or raise ManifestError listing every problem of the first bad rows."""
+    chunks = table_chunks(table) if isinstance(table, pa.Table) else [table]
+    scan = ManifestScan(schema)
+    normalised = [scan.add(chunk) for chunk in chunks]
+    index = scan.finish()
+    return pa.concat_tables([conform(t, index.schema) for t in normalised])

@@ -252,14 +252,15 @@ class Reconciliation:
         return f"{self.asked} rows asked: {self.written} written, {self.failed} failed, {self.missing} missing"
 
 
-def reconcile(rows: Rows, asked_ids: pa.Array) -> Reconciliation:
+def reconcile(rows: Rows, asked_ids: pa.Array | pa.ChunkedArray) -> Reconciliation:
+    """Counts against the asked ids (distinct: the manifest's validation saw to that)."""
     kept, _ = rows.resolved()
-    asked = set(asked_ids.to_pylist())
-    kept = kept[kept["id"].isin(asked)]
+    kept = kept[kept["id"].isin(asked_ids.to_numpy(zero_copy_only=False))]
     written = int(kept["ok"].sum())
     failed_rows = kept[~kept["ok"]]
     reasons = tuple((str(reason), int(n)) for reason, n in failed_rows["error"].value_counts().items())
-    return Reconciliation(len(asked), written, len(failed_rows), len(asked) - len(kept), reasons)
+    asked = len(asked_ids)
+    return Reconciliation(asked, written, len(failed_rows), asked - len(kept), reasons)
 
 
 def read_outputs(uri: str, columns: list[str] | None = None) -> pa.Table:

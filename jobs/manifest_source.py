@@ -1,0 +1,223 @@
+"""Where a generation job's rows come from, streamed twice: once through the driver's validation pass, once
+through Ray Data to the actors.
+
+    ManifestFile   a Parquet or JSONL file, local or fsspec (s3://...): the driver reads it in chunks
+                   (jobs/manifest.py), the workers by Parquet row group or JSONL byte range
+    ClassRange     `--classes 0-999 --per-class 1000`: rows computed from their index, on the workers too
+    ManifestTable  a table already in memory (the Python API, tests, `--prompt`)
+
+The driver keeps the manifest's ids (ManifestIndex: for duplicates, resume and reconciliation), never its rows.
+Every source's rows reach the actors through the same `check_rows` the driver validated them with, so a row is
+typed the same on both sides (Ray Data's own file readers are not used: they list files in a task that asks a
+whole CPU, which never schedules beside a CPU actor pool holding the rest of the node); a file changed between the two reads fails the run rather than generating rows
+nobody validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.manifest import (
+    CHUNK_ROWS,
+    INT64,
+    ManifestError,
+    ManifestIndex,
+    ManifestSchema,
+    RawManifest,
+    check_rows,
+    check_seed_range,
+    conform,
+    iter_manifest_chunks,
+    manifest_format,
+    parse_jsonl_line,
+    records_to_raw,
+    table_chunks,
+)
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """The workers read the file in spans: a Parquet file by row group, a JSONL file by the byte ranges of the
+    driver's chunks (recorded during its validation pass). Ray Data's own file readers list files in a task
+    that asks a whole CPU, which never schedules beside a CPU actor pool holding the rest of the node."""
+
+    uri: str
+    storage_options: dict = field(default_factory=dict)
+    jsonl_spans: list = field(default_factory=list, compare=False)
+
+    def describe(self) -> str:
+        return f"manifest {self.uri}"
+
+    def chunks(self) -> Iterator[RawManifest]:
+        self.jsonl_spans.clear()
+        for raw in iter_manifest_chunks(self.uri, self.storage_options):
+            if getattr(raw, "span", None) is not None:
+                self.jsonl_spans.append(raw.span)
+            yield raw
+
+    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+        import fsspec
+        import pyarrow.parquet as pq
+        import ray
+
+        if manifest_format(self.uri) == "parquet":
+            with fsspec.open(self.uri, "rb", **self.storage_options) as f:
+                spans = [{"row_group": i} for i in range(pq.ParquetFile(f).num_row_groups)]
+        else:
+            spans = [{"start": a, "stop": b} for a, b in self.jsonl_spans]
+        ds = ray.data.from_items(spans, override_num_blocks=max(1, len(spans)))
+        return ds.map_batches(_read_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
+                              fn_kwargs={"source": self, "schema": schema}), _table_rows
+
+    def read_span(self, span: dict, schema: ManifestSchema) -> pa.Table:
+        import fsspec
+        import pyarrow.parquet as pq
+
+        with fsspec.open(self.uri, "rb", **self.storage_options) as f:
+            if "row_group" in span:
+                return pq.ParquetFile(f).read_row_group(span["row_group"])
+            f.seek(span["start"])
+            lines = f.read(span["stop"] - span["start"]).decode("utf-8").splitlines()
+        records = [r for r in (parse_jsonl_line(line, where=f"manifest {self.uri}") for line in lines) if r is not None]
+        # typed here: JSONL values of one column may disagree in type (ids 7 and "a"), which Arrow cannot carry
+        problems, table = check_rows(records_to_raw(records), schema)
+        if problems:
+            raise ManifestError(f"{self.describe()} changed after the job validated it: {problems[0][1]}")
+        return table
+
+
+@dataclass(frozen=True)
+class ClassRange:
+    """`per_class` images of each class, seeds seed, seed+1, ... in row order, ids `c{class}-s{seed}-{i}`: the id
+    names the request (the first seed included), so a rerun with another --seed never mistakes its rows for
+    these."""
+
+    classes: tuple[int, ...]
+    per_class: int
+    seed: int
+
+    def __post_init__(self):
+        if self.per_class < 1:
+            raise ManifestError(f"--per-class must be at least 1, got {self.per_class}")
+        check_seed_range(self.seed, self.num_rows)
+        outside = [c for c in self.classes if not INT64[0] <= c < INT64[1]]
+        if outside:
+            raise ManifestError(f"--classes: {outside[0]} is not a 64-bit integer class id")
+        values, counts = np.unique(np.asarray(self.classes, dtype=np.int64), return_counts=True)
+        if (counts > 1).any():
+            raise ManifestError(f"--classes: class {values[counts > 1][0]} is given more than once")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.classes) * self.per_class
+
+    def describe(self) -> str:
+        return f"{len(self.classes)} class(es) x {self.per_class}"
+
+    def rows(self, start: int, stop: int) -> pa.Table:
+        index = np.arange(start, stop, dtype=np.int64)
+        labels = np.asarray(self.classes, dtype=np.int64)[index // self.per_class]
+        ids = pc.binary_join_element_wise(
+            "c", pa.array(labels).cast(pa.string()), f"-s{self.seed}-", pa.array(index % self.per_class).cast(pa.string()), ""
+        )
+        return pa.table({"id": ids, "seed": pa.array(index + self.seed), "class_label": pa.array(labels)})
+
+    def chunks(self) -> Iterator[RawManifest]:
+        for start in range(0, self.num_rows, CHUNK_ROWS):
+            yield RawManifest(self.rows(start, min(start + CHUNK_ROWS, self.num_rows)).to_pydict())
+
+    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+        import ray
+
+        spans = [{"start": s, "stop": min(s + CHUNK_ROWS, self.num_rows)} for s in range(0, self.num_rows, CHUNK_ROWS)]
+        ds = ray.data.from_items(spans).map_batches(
+            _expand_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"source": self}
+        )
+        return ds, _table_rows
+
+
+@dataclass(frozen=True)
+class ManifestTable:
+    table: pa.Table
+
+    def describe(self) -> str:
+        return f"{self.table.num_rows} row(s) in memory"
+
+    def chunks(self) -> Iterator[RawManifest]:
+        return table_chunks(self.table)
+
+    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+        import ray
+
+        return ray.data.from_arrow([self.table.slice(s, CHUNK_ROWS) for s in range(0, self.table.num_rows, CHUNK_ROWS)]), _table_rows
+
+
+ManifestSource = ManifestFile | ClassRange | ManifestTable
+
+
+def as_source(manifest, schema: ManifestSchema) -> ManifestSource:
+    """A source for what the Python API accepts: a source, a table, or read_manifest's columns."""
+    if isinstance(manifest, (ManifestFile, ClassRange, ManifestTable)):
+        return manifest
+    if isinstance(manifest, RawManifest):
+        problems, table = check_rows(manifest, schema)
+        # typed when it can be; otherwise the driver's scan names the problems before anything reads the rows
+        return ManifestTable(table) if not problems else _Unreadable(manifest)
+    return ManifestTable(manifest)
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    raw: RawManifest
+
+    def describe(self) -> str:
+        return f"{self.raw.num_rows} row(s) in memory"
+
+    def chunks(self) -> Iterator[RawManifest]:
+        return iter([self.raw])
+
+
+def normalised_chunks(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex) -> Iterator[pa.Table]:
+    """The source's rows again, typed as validated (for checks against what an output already holds)."""
+    offset = 0
+    for raw in source.chunks():
+        problems, table = check_rows(raw, schema, offset)
+        if problems:
+            raise ManifestError(f"{source.describe()} changed while the job read it: {problems[0][1]}")
+        offset += raw.num_rows
+        yield conform(table, index.schema)
+
+
+def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex, cpus: float):
+    """Ray Data dataset of the source's rows, typed exactly as the driver's validation typed them."""
+    ds, to_raw = source.raw_dataset(cpus, schema)
+    return ds.map_batches(
+        _normalise, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
+        fn_kwargs={"to_raw": to_raw, "schema": schema, "target": index.schema, "where": source.describe()},
+    )
+
+
+def _normalise(batch: pa.Table, *, to_raw, schema: ManifestSchema, target: pa.Schema, where: str) -> pa.Table:
+    raw = to_raw(batch)
+    problems, table = check_rows(raw, schema)
+    if problems:
+        raise ManifestError(f"{where} changed after the job validated it: {problems[0][1]}")
+    return conform(table, target)
+
+
+def _table_rows(batch: pa.Table) -> RawManifest:
+    return RawManifest(batch.to_pydict())
+
+
+def _read_spans(batch: pa.Table, *, source: ManifestFile, schema: ManifestSchema) -> pa.Table:
+    return pa.concat_tables([source.read_span(span, schema) for span in batch.to_pylist()], promote_options="permissive")
+
+
+def _expand_spans(batch: pa.Table, *, source: ClassRange) -> pa.Table:
+    spans = zip(batch.column("start").to_pylist(), batch.column("stop").to_pylist())
+    return pa.concat_tables([source.rows(start, stop) for start, stop in spans])
