@@ -85,10 +85,7 @@ class ManifestFile:
             lines = f.read(span["stop"] - span["start"]).decode("utf-8").splitlines()
         records = [r for r in (parse_jsonl_line(line, where=f"manifest {self.uri}") for line in lines) if r is not None]
         # typed here: JSONL values of one column may disagree in type (ids 7 and "a"), which Arrow cannot carry
-        problems, table = check_rows(records_to_raw(records), schema)
-        if problems:
-            raise ManifestError(f"{self.describe()} changed after the job validated it: {problems[0][1]}")
-        return table
+        return revalidated(records_to_raw(records), schema, self.describe())
 
 
 @dataclass(frozen=True)
@@ -186,11 +183,8 @@ def normalised_chunks(source: ManifestSource, schema: ManifestSchema, index: Man
     """The source's rows again, typed as validated (for checks against what an output already holds)."""
     offset = 0
     for raw in source.chunks():
-        problems, table = check_rows(raw, schema, offset)
-        if problems:
-            raise ManifestError(f"{source.describe()} changed while the job read it: {problems[0][1]}")
+        yield conform(revalidated(raw, schema, source.describe(), offset), index.schema)
         offset += raw.num_rows
-        yield conform(table, index.schema)
 
 
 def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex, cpus: float):
@@ -203,11 +197,16 @@ def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: Manifest
 
 
 def _normalise(batch: pa.Table, *, to_raw, schema: ManifestSchema, target: pa.Schema, where: str) -> pa.Table:
-    raw = to_raw(batch)
-    problems, table = check_rows(raw, schema)
+    return conform(revalidated(to_raw(batch), schema, where), target)
+
+
+def revalidated(raw: RawManifest, schema: ManifestSchema, where: str, offset: int = 0) -> pa.Table:
+    """Rows read a second time, typed by the checks they passed the first time; a file changed in between fails
+    the run rather than generating rows nobody validated."""
+    problems, table = check_rows(raw, schema, offset)
     if problems:
         raise ManifestError(f"{where} changed after the job validated it: {problems[0][1]}")
-    return conform(table, target)
+    return table
 
 
 def _table_rows(batch: pa.Table) -> RawManifest:

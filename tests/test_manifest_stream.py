@@ -87,3 +87,13 @@ def test_job_reads_the_manifest_file_with_ray_data_and_resumes(ray_local, tmp_pa
     assert {r["id"]: r["tag"] for r in written} == {str(100 + i): f"t{i}" for i in range(6)}
     again = run_generate(ManifestFile(uri), out, config, schema=DIGITS, batch_size=2)
     assert again.complete and again.rows_attempted == 0 and again.rows_already_there == 6
+
+
+def test_a_file_changed_between_validation_and_the_workers_read_fails_instead_of_generating_unchecked_rows(tmp_path):
+    path = tmp_path / "m.jsonl"
+    source = ManifestFile(write_jsonl(path, [{"id": "a", "seed": 1, "class_label": 2}]))
+    scan_chunks(source.chunks(), DIGITS)
+    assert source.read_span({"start": 0, "stop": path.stat().st_size}, DIGITS).column("id").to_pylist() == ["a"]
+    write_jsonl(path, [{"id": "a", "seed": 1, "class_label": 99}])
+    with pytest.raises(ManifestError, match="changed after the job validated it: row 0 .*class_label 99"):
+        source.read_span({"start": 0, "stop": path.stat().st_size}, DIGITS)
