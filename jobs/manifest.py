@@ -302,12 +302,8 @@ class ManifestScan:
 
     def add(self, raw: RawManifest) -> pa.Table | None:
         """Check one chunk; its rows normalised, or None when it has problems."""
-        if self.rows == 0:
+        if self.rows == 0 or RESERVED_OUTPUT_COLUMNS & set(raw):  # a later JSONL chunk may add columns
             check_columns(list(raw), self.manifest_schema)
-        else:
-            clashes = sorted(RESERVED_OUTPUT_COLUMNS & set(raw))
-            if clashes:
-                check_columns(list(raw), self.manifest_schema)
         problems, table = check_rows(raw, self.manifest_schema, offset=self.rows)
         if problems:
             self._note(problems)
