@@ -1,4 +1,5 @@
-"""Pieces shared by the runtime and the recorder hooks: per-context state, hook registration, plan-book checks."""
+"""Pieces shared by the runtime, policy and recorder hooks: per-context state, the step hook that owns it, hook
+registration, plan-book checks."""
 
 from __future__ import annotations
 
@@ -43,6 +44,55 @@ class ContextStateManager(StateManager):
         for state in self._state_cache.values():
             state.reset()
         self._state_cache.clear()
+
+
+class ContextStepHook(ModelHook):
+    """The transformer-level hook of a caching runtime: it owns one state per cache context and sets the
+    runtime's `active` state, which the runtime's other hooks read, for the duration of one transformer call.
+
+    `runtime` is any object with an `active` attribute; `state_cls` a `BaseState` with a `step` counter and a
+    `reset()` that frees what it holds.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, runtime: Any, state_cls: type) -> None:
+        super().__init__()
+        self.runtime = runtime
+        # A StateManager attribute on a stateful hook is what `cache_context(...)` updates.
+        self.state_manager = ContextStateManager(state_cls)
+
+    def run_call(self, state: Any, *args, **kwargs):
+        """The original forward with `state` active. A call that raises leaves half-written state behind, which
+        no later call may read, so every context is cleared before the error propagates."""
+        self.runtime.active = state
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.clear()
+            raise
+        finally:
+            self.runtime.active = None
+
+    @staticmethod
+    def advance(state: Any, num_steps: int) -> None:
+        """Count a finished call; after `num_steps` the context's generation is over: free what it holds and
+        start again at step 0."""
+        state.step += 1
+        if state.step == num_steps:
+            state.reset()
+
+    def clear(self) -> None:
+        """Drop every context's state (the caller may still be inside a `cache_context(...)` block)."""
+        self.runtime.active = None
+        self.state_manager.clear_states()
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        # Called by diffusers' `reset_stateful_hooks`, e.g. from `pipeline.maybe_free_model_hooks()` at the end of
+        # every FluxPipeline call. Frees the states; whatever the runtime counts stays for the caller to read.
+        self.runtime.active = None
+        self.state_manager.reset()
+        return module
 
 
 def unwrap(transformer: torch.nn.Module) -> torch.nn.Module:

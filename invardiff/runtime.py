@@ -38,7 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from ._hookutils import (
-    ContextStateManager,
+    ContextStepHook,
     cache_context,
     check_books,
     register_hook,
@@ -298,14 +298,9 @@ class InvarDiffRuntime:
 # Hooks.
 
 
-class InvarDiffStepHook(ModelHook):
-    _is_stateful = True
-
+class InvarDiffStepHook(ContextStepHook):
     def __init__(self, runtime: InvarDiffRuntime) -> None:
-        super().__init__()
-        self.runtime = runtime
-        # A StateManager attribute on a stateful hook is what `cache_context(...)` updates.
-        self.state_manager = ContextStateManager(InvarDiffState)
+        super().__init__(runtime, InvarDiffState)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         runtime = self.runtime
@@ -318,33 +313,13 @@ class InvarDiffStepHook(ModelHook):
         if gated and runtime.schedule.residual_gain[step] is None and state.h_last is None:
             self.clear()
             raise RuntimeError(f"InvarDiff: step {step} is gated but no H is cached; the cache state is out of step.")
-        runtime.active, runtime.gated = state, gated
-        try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            # A failed call leaves half-written slots; no later call may reuse them.
-            self.clear()
-            raise
-        runtime.active = None
+        runtime.gated = gated
+        output = self.run_call(state, *args, **kwargs)
         if gated and not runtime.schedule.keep_h[step] and not runtime.schedule.track_residual:
             state.h_last = None
         runtime.stats.add_step(step)
-        state.step = step + 1
-        if state.step == runtime.schedule.num_steps:
-            state.reset()  # this context finished a generation: free its slots, start again at step 0
+        self.advance(state, runtime.schedule.num_steps)
         return output
-
-    def clear(self) -> None:
-        """Drop every context's cache state (not the stats)."""
-        self.runtime.active = None
-        self.state_manager.clear_states()
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        # Called by diffusers' `reset_stateful_hooks`, e.g. from `pipeline.maybe_free_model_hooks()` at the end of
-        # every FluxPipeline call. Frees the cache but keeps the stats, so they can be read after the call.
-        self.runtime.active = None
-        self.state_manager.reset()
-        return module
 
 
 class InvarDiffStackInputHook(ModelHook):

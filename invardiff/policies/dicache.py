@@ -38,7 +38,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
-from .._hookutils import ContextStateManager, register_hook, remove_hooks, unwrap
+from .._hookutils import ContextStepHook, register_hook, remove_hooks, unwrap
 from ..adapters import TransformerAdapter, get_adapter
 from ..runtime import CacheStats
 
@@ -181,31 +181,19 @@ class _Runtime:
         self.trace.clear()
 
 
-class DiCacheStepHook(ModelHook):
-    _is_stateful = True
-
+class DiCacheStepHook(ContextStepHook):
     def __init__(self, runtime: _Runtime) -> None:
-        super().__init__()
-        self.runtime = runtime
-        self.state_manager = ContextStateManager(DiCacheState)  # found and switched by `cache_context(...)`
+        super().__init__(runtime, DiCacheState)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         runtime = self.runtime
         runtime.adapter.check_call(args, kwargs)
         state = self.state_manager.get_state()
-        runtime.active, runtime.rows_run = state, [0] * len(runtime.blocks)
-        try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            self.clear()  # half-updated anchors must not be used by a later call
-            raise
-        finally:
-            runtime.active = None
+        runtime.rows_run = [0] * len(runtime.blocks)
+        output = self.run_call(state, *args, **kwargs)  # a failed call clears the half-updated anchors
         self._count(state)
         state.h0 = state.q_now = state.compute_rows = None
-        state.step += 1
-        if state.step == runtime.config.num_steps:
-            state.reset()  # the generation is over: free the anchors, start again at step 0
+        self.advance(state, runtime.config.num_steps)
         return output
 
     def _count(self, state: DiCacheState) -> None:
@@ -219,16 +207,6 @@ class DiCacheStepHook(ModelHook):
             for family in families:
                 counter.computed[family] += runtime.rows_run[block] / rows
         runtime.trace.setdefault(self.state_manager.context_name(), []).append(list(state.compute_mask))
-
-    def clear(self) -> None:
-        self.runtime.active = None
-        self.state_manager.clear_states()
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        # diffusers' end-of-pipeline reset: free the anchors, keep the stats for the caller to read.
-        self.runtime.active = None
-        self.state_manager.reset()
-        return module
 
 
 class DiCacheStackInputHook(ModelHook):
