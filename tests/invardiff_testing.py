@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from invardiff import apply_invardiff, get_adapter, invardiff_cache_contents
+
 DIT_LAYERS = 3
 FLUX_DUAL, FLUX_SINGLE = 2, 2
 NULL_CLASS = 10  # DiT with 10 classes and class dropout keeps a learned null embedding at index 10
@@ -247,3 +249,22 @@ def expected_slot_holdings(plan: ToyPlan, sites) -> list[set[str]]:
                     names.add(site.name)
         held_after.append(names)
     return held_after
+
+
+def check_slot_holdings(model: torch.nn.Module, plan: ToyPlan, sample) -> list[set[str]]:
+    """Apply `plan`, run `sample(on_step=...)` (one generation in the default context) and check after every step
+    that the slots held are exactly those a later row needs (`expected_slot_holdings`), that H is held iff the
+    next step is gated, and that after the last step the context starts over holding nothing. Returns the expected
+    holdings, for checks that the plan exercises what a test means it to."""
+    apply_invardiff(model, plan)
+    held = expected_slot_holdings(plan, get_adapter(model).cache_sites(model))
+    gated = gated_steps(plan.step_gate)
+    observed = []
+    sample(on_step=lambda k: observed.append(invardiff_cache_contents(model)["default"]))
+    assert len(observed) == len(plan.step_gate)
+    for k, contents in enumerate(observed[:-1]):
+        assert set(contents["slots"]) == held[k], k
+        assert contents["holds_h"] == gated[k + 1], k
+        assert contents["step"] == k + 1
+    assert observed[-1] == {"step": 0, "slots": (), "holds_h": False, "bytes": 0}
+    return held
