@@ -247,34 +247,21 @@ def methods(generator, config: BenchConfig, say: Callable[[str], None]) -> list[
     from invardiff.presets import get_preset, preset_names
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, record_rates
 
+    from benchmarks.forecast_presets import calibrate_forecast_preset, measure_forecast_evidence
     from invardiff.forecast import computed_steps_for
     from invardiff.presets import FORECAST_PRESETS
-    from pipelines.forecast_calibration import (
-        PROPAGATION_RUNS,
-        RECORD_MAX_GAP_FOR_BOUND,
-        ForecastTarget,
-        calibrate_forecast,
-        candidate_errors,
-        propagation_gains,
-    )
 
     steps = generator.num_inference_steps
     signature = generator.signature()
     rows = [Method("uncached", "uncached", NoCache())]
     presets = presets_for(config.presets or tuple(preset_names(generator.architecture)), generator.architecture)
 
-    # Forecast presets: candidate errors are recorded once (up to runs of 4 gated steps) and shared by every
-    # budget; calibration seeds (10_000..) are disjoint from the evaluated ones (0..).
+    # Forecast presets: one measurement on the calibration runs, shared by every budget.
     forecast_presets = [name for name in presets if name in FORECAST_PRESETS]
     if forecast_presets:
-        f_requests = calibration_requests(generator, runs=config.forecast_calibration_runs)
-        say(f"forecast candidate errors on {len(f_requests)} runs")
-        errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND, say=say)
-        say("propagation gains")
-        gains = propagation_gains(generator, f_requests[:PROPAGATION_RUNS])
+        evidence = measure_forecast_evidence(generator, config.forecast_calibration_runs, say=say)
         for name in forecast_presets:
-            goal = ForecastTarget(speedup=FORECAST_PRESETS[name], name=name)
-            plan = calibrate_forecast(generator, goal, f_requests, errors=errors, gains=gains, held_out=0)
+            plan = calibrate_forecast_preset(generator, name, evidence, held_out=0)
             label = f"InvarDiff {name} (forecast {plan.forecast['target']}, {plan.forecast_schedule.num_computed} computed)"
             rows.append(Method(label, "invardiff", InvarDiffPolicy(plan)))
     for speedup in config.uniform_speedups:

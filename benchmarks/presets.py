@@ -94,16 +94,9 @@ def benchmark(args) -> dict[str, Any]:
     from invardiff.plan import Plan
     from invardiff.policy import InvarDiffPolicy
     from pipelines.build import GeneratorConfig, build_generator
+    from benchmarks.forecast_presets import calibrate_forecast_preset, measure_forecast_evidence
     from invardiff.presets import FORECAST_PRESETS, is_forecast_preset
     from pipelines.calibration import TauBundle, calibrate, calibration_requests, mean_of, record_rates
-    from pipelines.forecast_calibration import (
-        PROPAGATION_RUNS,
-        RECORD_MAX_GAP_FOR_BOUND,
-        ForecastTarget,
-        calibrate_forecast,
-        candidate_errors,
-        propagation_gains,
-    )
 
     generator = build_generator(GeneratorConfig(model="digits", device="cpu"))
     requests = eval_requests(args.per_class)
@@ -112,21 +105,18 @@ def benchmark(args) -> dict[str, Any]:
     plan_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    plans, phase1, errors = {}, None, None
+    plans, phase1, evidence = {}, None, None
     for name in args.presets:
         path = plan_dir / f"{name}.json"
         if is_forecast_preset(name):
-            goal = ForecastTarget(speedup=FORECAST_PRESETS[name], name=name)
             if args.reuse_plans and path.exists():
                 plan = Plan.load(path)
-                if plan.mode == "forecast" and plan.calibration["goal"]["target_speedup"] == goal.speedup:
+                if plan.mode == "forecast" and plan.calibration["goal"]["target_speedup"] == FORECAST_PRESETS[name]:
                     plans[name] = plan
                     continue
-            f_requests = calibration_requests(generator, runs=args.forecast_runs)
-            if errors is None:
-                errors = candidate_errors(generator, f_requests, RECORD_MAX_GAP_FOR_BOUND)
-                gains = propagation_gains(generator, f_requests[:PROPAGATION_RUNS])
-            plans[name] = calibrate_forecast(generator, goal, f_requests, errors=errors, gains=gains)
+            if evidence is None:
+                evidence = measure_forecast_evidence(generator, args.forecast_runs)
+            plans[name] = calibrate_forecast_preset(generator, name, evidence)
             plans[name].save(path)
             continue
         bundle = TauBundle.from_preset("dit", name)
