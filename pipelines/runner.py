@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import platform
 import resource
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from pipelines.base import GenerationResult, Generator, Request
+from pipelines.png import decode_png, encode_pngs  # noqa: F401 - decode_png: tests and callers import it from here
 
 
 @dataclass
 class BatchRun:
     result: GenerationResult
     rows: list[dict]  # one per request, in request order (output schema of docs/contracts.md, minus node/worker)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    pixels = image[..., 0] if image.shape[-1] == 1 else image
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(data)))
 
 
 @lru_cache(maxsize=None)
@@ -77,13 +61,16 @@ def run_batch(generator: Generator, requests: Sequence[Request], policy) -> Batc
     device, device_name = device_description(generator.device)
     peak = _peak_memory_bytes(generator.device)
     per_image_seconds = result.seconds / len(requests)
+    # The model's threads are idle while a batch encodes, and their count is the actor's CPU share
+    # (GenerateBatch sets it from the share on CPU): the encoder may use as many.
+    pngs = encode_pngs(result.images, threads=torch.get_num_threads())
     rows = []
-    for request, image in zip(requests, result.images):
+    for request, image, png in zip(requests, result.images, pngs):
         rows.append(
             dict(
                 id=request.id,
                 seed=int(request.seed),
-                png=encode_png(image),
+                png=png,
                 width=int(image.shape[1]),
                 height=int(image.shape[0]),
                 model_id=generator.model_id,
