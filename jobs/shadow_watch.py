@@ -4,7 +4,9 @@
              the run's ShadowWatch actor their PSNRs
     watch    a Ray actor (no CPU) holding the run's pipelines.shadow.DriftAlarm
     driver   DriftMonitor polls the watch; when the alarm trips it logs once and, with --stop-on-drift, stops
-             the run as Ctrl-C would (no batch is started after that), and the run record says why
+             the run as Ctrl-C would (no batch is started after that), and the run record says why. An alarm
+             first read after the last batch ends the run stopped too: the outcome (exit 4) must not depend on
+             whether a poll fell between the last shadows and the end of the writing
 
 The run record's entry gets {"shadow": {"fraction", "min_psnr", "rows", "mean_psnr", "drift", "stopped"}}.
 """
@@ -82,22 +84,27 @@ def start_watch(options: ShadowOptions):
 
 
 class DriftMonitor:
-    """Polls the watch from a daemon thread until closed; `on_stop` is called once when the run must stop."""
+    """Polls the watch from a daemon thread until closed; `on_stop` is called once when the run must stop, and
+    never after the run's writing has ended (the main thread may be past the code that handles the stop)."""
 
     def __init__(self, watch, options: ShadowOptions, on_stop) -> None:
         self.watch, self.options, self.on_stop = watch, options, on_stop
         self._closed = threading.Event()
+        self._failed = False  # closed by an exception: that is what the run reports, not drift read late
+        self._closing = threading.Lock()  # a poll's stop and the close are one or the other, never interleaved
         self._thread = threading.Thread(target=self._poll, name="shadow-drift", daemon=True)
 
     def __enter__(self) -> DriftMonitor:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._closed.set()
+    def __exit__(self, exc_type, *exc) -> None:
+        with self._closing:
+            self._failed = exc_type is not None
+            self._closed.set()
         self._thread.join(timeout=5)
         if self.update():  # the final counts, while Ray is still up; an alarm in the last batches is told too
-            log.warning("drift alarm: %s", self.options.drift)
+            self._tripped()
 
     def update(self) -> bool:
         """Read the watch; True when this read saw the alarm trip."""
@@ -116,14 +123,22 @@ class DriftMonitor:
 
     def check(self) -> None:
         """One poll: read the watch; on the alarm's trip log it once and, with --stop-on-drift, stop the run."""
-        if not self.update():
-            return
-        if self.options.stop_on_drift:
-            log.error("drift alarm: %s; --stop-on-drift: stopping the run", self.options.drift)
+        if self.update():
+            self._tripped()
+
+    def _tripped(self) -> None:
+        with self._closing:
+            if not self.options.stop_on_drift or self._failed:
+                log.warning("drift alarm: %s%s", self.options.drift,
+                            "" if self._closed.is_set() else " (the run goes on; --stop-on-drift would stop it)")
+                return
             self.options.stopped = True
-            self.on_stop()
-        else:
-            log.warning("drift alarm: %s (the run goes on; --stop-on-drift would stop it)", self.options.drift)
+            if self._closed.is_set():
+                log.error("drift alarm: %s; --stop-on-drift: the run ends stopped (the alarm was read after the "
+                          "last batch)", self.options.drift)
+            else:
+                log.error("drift alarm: %s; --stop-on-drift: stopping the run", self.options.drift)
+                self.on_stop()
 
     def _poll(self) -> None:
         while not self._closed.wait(POLL_S) and not self.options.stopped:

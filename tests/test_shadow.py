@@ -208,6 +208,35 @@ def test_drift_monitor_stops_the_run_once(ray_local):
     assert stops == [1] and options.stopped and options.rows == 10 and "below --min-psnr" in options.drift
 
 
+def test_drift_read_only_after_the_last_batch_still_ends_the_run_stopped_and_interrupts_nothing(ray_local,
+                                                                                                  monkeypatch):
+    import ray
+
+    from jobs import shadow_watch
+    from jobs.shadow_watch import DriftMonitor, ShadowOptions, start_watch
+
+    monkeypatch.setattr(shadow_watch, "POLL_S", 3600.0)  # no poll before the close: only the final read sees it
+
+    def run(fail: bool) -> tuple[ShadowOptions, list]:
+        options = ShadowOptions(0.1, min_psnr=BOUND, stop_on_drift=True)
+        watch, stops = start_watch(options), []
+        try:
+            with DriftMonitor(watch, options, on_stop=lambda: stops.append(1)):
+                ray.get(watch.add.remote([12.0] * 8))  # the last batch's shadows trip the alarm
+                if fail:
+                    raise RuntimeError("the writing failed")
+        except RuntimeError:
+            pass
+        finally:
+            ray.kill(watch)
+        return options, stops
+
+    finished, stops = run(fail=False)
+    assert finished.stopped and stops == [] and "below --min-psnr" in finished.drift and finished.rows == 8
+    failed, stops = run(fail=True)  # the failure is what that run reports; the alarm is recorded beside it
+    assert not failed.stopped and stops == [] and "below --min-psnr" in failed.drift
+
+
 def test_shadow_options_refuse_what_cannot_work():
     from jobs.shadow_watch import ShadowOptions
 
