@@ -177,51 +177,82 @@ def start_moto(port: int) -> subprocess.Popen:
             time.sleep(0.05)
 
 
-def test_s3_server_restarted_mid_write_is_reported_and_healed_by_a_rerun(ray_local, s3_credentials, monkeypatch):
+class MotoServer:
+    """A moto S3 server of one test's own (the session's is shared, so it must not be restarted or paused)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = start_moto(self.port)
+
+    def restart(self) -> None:
+        """Stop the server and start an empty one on the same port: every bucket and object is gone."""
+        self.stop()
+        self.process = start_moto(self.port)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGCONT)  # a paused server would not act on SIGTERM until resumed
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def own_s3(ray_local, s3_credentials, monkeypatch):
+    """(server, fs): a `MotoServer` that AWS_ENDPOINT_URL points at, and an fsspec S3 filesystem on it."""
     import fsspec
     import ray
 
     worker_env = ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get("AWS_ACCESS_KEY_ID")).remote())
     if worker_env is None:
         pytest.skip("this session's Ray was started without S3 test credentials in its workers' environment")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    server = start_moto(port)
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir("faults")
-    out = "s3://faults/run"
-    manifest = class_manifest([0, 1, 2, 3], per_class=4, seed=0)  # 16 rows, 2 blocks of 8: two files
+    server = MotoServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    try:
+        yield server, fsspec.filesystem("s3", client_kwargs={"endpoint_url": server.endpoint}, skip_instance_cache=True)
+    finally:
+        server.stop()
+
+
+def start_generate_in_background(manifest, out: str) -> tuple[threading.Thread, dict]:
+    """`run_generate` of the tiny DiT on a thread; the dict gets the summary under "summary" when it returns."""
     result = {}
     job = threading.Thread(target=lambda: result.update(summary=run_generate(
         manifest, out, TINY, schema=SCHEMA, batch_size=2)))
     job.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and job.is_alive():
-            fs.invalidate_cache()
-            if [p for p in fs.find("faults/run") if p.endswith(".parquet")]:
-                break
-            time.sleep(0.05)
-        server.terminate()
-        server.wait(timeout=10)
-        server = start_moto(port)  # empty: the first file, the run record and the lease are gone
-        fs.invalidate_cache()
-        fs.mkdir("faults")
-        job.join(timeout=240)
-        summary = result["summary"]
-        counts = summary.reconciliation
-        assert not summary.complete and counts.missing > 0, counts
-        assert counts.written + counts.failed + counts.missing == counts.asked == 16
+    return job, result
 
-        rerun = run_generate(manifest, out, TINY, schema=SCHEMA, batch_size=2)
-        assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
-        assert ids_in(out) == Counter(manifest.column("id").to_pylist())
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+
+def wait_for_a_data_file(fs, path: str, job: threading.Thread, timeout: float = 120) -> None:
+    """Until a parquet file stands under `path`, the job ended, or `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job.is_alive():
+        fs.invalidate_cache()
+        if [p for p in fs.find(path) if p.endswith(".parquet")]:
+            return
+        time.sleep(0.05)
+
+
+def test_s3_server_restarted_mid_write_is_reported_and_healed_by_a_rerun(own_s3):
+    server, fs = own_s3
+    fs.mkdir("faults")
+    out = "s3://faults/run"
+    manifest = class_manifest([0, 1, 2, 3], per_class=4, seed=0)  # 16 rows, 2 blocks of 8: two files
+    job, result = start_generate_in_background(manifest, out)
+    wait_for_a_data_file(fs, "faults/run", job)
+    server.restart()  # empty: the first file, the run record and the lease are gone
+    fs.invalidate_cache()
+    fs.mkdir("faults")
+    job.join(timeout=240)
+    summary = result["summary"]
+    counts = summary.reconciliation
+    assert not summary.complete and counts.missing > 0, counts
+    assert counts.written + counts.failed + counts.missing == counts.asked == 16
+
+    rerun = run_generate(manifest, out, TINY, schema=SCHEMA, batch_size=2)
+    assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
+    assert ids_in(out) == Counter(manifest.column("id").to_pylist())
 
 
 # ---- Ctrl-C, and a second job while the first runs
@@ -244,13 +275,25 @@ def cli_env() -> dict[str, str]:
     return environ
 
 
+def generate_args(out: Path, steps: int, classes: str, per_class: int) -> list[str]:
+    """`invardiff generate` of the tiny DiT in batches of 2 on one worker."""
+    return ["generate", "--model", "tiny-dit", "--steps", str(steps), "--classes", classes,
+            "--per-class", str(per_class), "--batch-size", "2", "--workers", "1", "--out", str(out)]
+
+
+def run_cli(args: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """The `invardiff` CLI in its own process, as a user runs it (its own Ray, not this session's); output
+    captured as text."""
+    return subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout, **options)
+
+
 def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
     import psutil
 
     out = tmp_path / "out"
     out.mkdir()
-    args = ["generate", "--model", "tiny-dit", "--steps", "8", "--classes", "0-3", "--per-class", "12",
-            "--batch-size", "2", "--workers", "1", "--out", str(out)]  # 48 rows, 3 blocks: 3 files
+    args = generate_args(out, steps=8, classes="0-3", per_class=12)  # 48 rows, 3 blocks: 3 files
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([INVARDIFF, *args], cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     actor = None
@@ -262,8 +305,7 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
             time.sleep(0.05)
         assert actor is not None, (tmp_path / "first.log").read_text()
         actor.suspend()
-        second = subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                                timeout=120)
+        second = run_cli(args, timeout=120)
         assert second.returncode == 2, second.stdout + second.stderr
         assert "is being written by another job" in second.stderr and "Traceback" not in second.stderr
 
@@ -301,56 +343,27 @@ def test_second_job_is_refused_and_ctrl_c_stops_the_first_cleanly(tmp_path):
 # ---- S3 paused: the server stops answering for a few seconds mid-write (SIGSTOP), then resumes (SIGCONT)
 
 
-def test_s3_server_paused_mid_write_delays_the_run_and_loses_nothing(ray_local, s3_credentials, monkeypatch):
-    import fsspec
-    import ray
-
-    worker_env = ray.get(ray.remote(num_cpus=0.1)(lambda: os.environ.get("AWS_ACCESS_KEY_ID")).remote())
-    if worker_env is None:
-        pytest.skip("this session's Ray was started without S3 test credentials in its workers' environment")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-    server = start_moto(port)
-    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+def test_s3_server_paused_mid_write_delays_the_run_and_loses_nothing(own_s3):
+    server, fs = own_s3
     fs.mkdir("paused")
     fs.pipe_file("paused/run-notes.txt", b"a neighbour's object")  # beside the output, not in it
     out = "s3://paused/run"
     manifest = class_manifest([0, 1, 2, 3], per_class=4, seed=0)  # 16 rows, 2 blocks of 8: two files
-    result = {}
-    job = threading.Thread(target=lambda: result.update(summary=run_generate(
-        manifest, out, TINY, schema=SCHEMA, batch_size=2)))
-    job.start()
-    paused = False
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and job.is_alive():
-            fs.invalidate_cache()
-            if [p for p in fs.find("paused/run") if p.endswith(".parquet")]:
-                break
-            time.sleep(0.05)
-        assert job.is_alive(), "the run ended before the first file could be seen"
-        server.send_signal(signal.SIGSTOP)  # connections stay open, nothing answers: a stalled endpoint
-        paused = True
-        time.sleep(PAUSE_S)
-        server.send_signal(signal.SIGCONT)
-        paused = False
-        job.join(timeout=180)
-        summary = result["summary"]
-        counts = summary.reconciliation
-        assert counts.written + counts.failed + counts.missing == counts.asked == 16
-        if not summary.complete:  # allowed only if it says so with the counts; a rerun must then heal it
-            rerun = run_generate(manifest, out, TINY, schema=SCHEMA, batch_size=2)
-            assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
-        assert ids_in(out) == Counter(manifest.column("id").to_pylist())
-        assert fs.cat_file("paused/run-notes.txt") == b"a neighbour's object"
-    finally:
-        if paused:
-            server.send_signal(signal.SIGCONT)
-        server.terminate()
-        server.wait(timeout=10)
+    job, result = start_generate_in_background(manifest, out)
+    wait_for_a_data_file(fs, "paused/run", job)
+    assert job.is_alive(), "the run ended before the first file could be seen"
+    server.process.send_signal(signal.SIGSTOP)  # connections stay open, nothing answers: a stalled endpoint
+    time.sleep(PAUSE_S)
+    server.process.send_signal(signal.SIGCONT)
+    job.join(timeout=180)
+    summary = result["summary"]
+    counts = summary.reconciliation
+    assert counts.written + counts.failed + counts.missing == counts.asked == 16
+    if not summary.complete:  # allowed only if it says so with the counts; a rerun must then heal it
+        rerun = run_generate(manifest, out, TINY, schema=SCHEMA, batch_size=2)
+        assert rerun.complete and rerun.rows_attempted == counts.missing + counts.failed
+    assert ids_in(out) == Counter(manifest.column("id").to_pylist())
+    assert fs.cat_file("paused/run-notes.txt") == b"a neighbour's object"
 
 
 PAUSE_S = 6  # well under the lease expiry (60 s) and s3fs's timeouts: the run must ride it out
@@ -377,11 +390,9 @@ def test_read_only_output_is_refused_in_one_line_then_a_rerun_writes_every_row_o
     out.mkdir()
     (tmp_path / "notes.txt").write_text("a neighbour's file")
     out.chmod(0o555)
-    args = ["generate", "--model", "tiny-dit", "--steps", "2", "--classes", "0-1", "--per-class", "2",
-            "--batch-size", "2", "--workers", "1", "--out", str(out)]
     try:
-        refused = subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                                 timeout=180, preexec_fn=without_permission_override if os.geteuid() == 0 else None)
+        refused = run_cli(generate_args(out, steps=2, classes="0-1", per_class=2), timeout=180,
+                          preexec_fn=without_permission_override if os.geteuid() == 0 else None)
     except subprocess.SubprocessError as e:
         pytest.skip(f"cannot run the job without root's permission override here ({e})")
     finally:
@@ -419,9 +430,7 @@ def test_full_disk_is_reported_with_counts_in_one_line_then_a_rerun_writes_every
     free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
     ballast.write_bytes(b"\0" * (free - 12 * 1024))  # room for the lease and the run record, not a data file
     # The failing run is the CLI in its own process: what the user sees, and its Ray goes with it.
-    full = subprocess.run([INVARDIFF, "generate", "--model", "tiny-dit", "--steps", "2", "--classes", "0-3",
-                           "--per-class", "2", "--batch-size", "2", "--workers", "1", "--out", str(out)],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    full = run_cli(generate_args(out, steps=2, classes="0-3", per_class=2), timeout=240)
     assert full.returncode == 1, full.stdout + full.stderr
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "\\n" not in errors[0], full.stderr
