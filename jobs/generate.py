@@ -321,11 +321,14 @@ def _refuse_conflicting_rows(source: ManifestSource, index: ManifestIndex, rows:
     if rows.table.num_rows == 0:
         return
     condition = schema.condition
-    there = rows.table.select(["id", "seed", condition]).group_by("id").aggregate([("seed", "min"), (condition, "min")])
-    there = there.rename_columns(["id", "seed_there", f"{condition}_there"])
+    there = rows.table.select(["id", "seed", condition]).rename_columns(["id", "seed_there", f"{condition}_there"])
     clashes, first = 0, []
     for chunk in normalised_chunks(source, schema, index):
-        joined = chunk.select(["id", "seed", condition]).join(there, "id", join_type="inner")
+        # the written rows of this chunk's ids first: the join's hash table then holds a few rows, not the output
+        written = there.filter(pc.is_in(there["id"], value_set=chunk["id"]))
+        if written.num_rows == 0:
+            continue
+        joined = chunk.select(["id", "seed", condition]).join(written, "id", join_type="inner")
         differs = pc.or_(
             pc.not_equal(joined.column("seed"), joined.column("seed_there")),
             pc.not_equal(joined.column(condition), joined.column(f"{condition}_there")),
@@ -359,18 +362,19 @@ class Todo:
     @classmethod
     def of(cls, index: ManifestIndex, rows: outputs.Rows, max_attempts: int) -> Todo:
         kept, _ = rows.resolved()
-        kept = kept[kept["id"].isin(index.ids.to_numpy(zero_copy_only=False))]
-        done = kept.loc[kept["ok"], "id"]
-        failed = kept.loc[~kept["ok"], ["id", "attempt"]]
-        exhausted = failed.loc[failed["attempt"] >= max_attempts, "id"]
-        retried = failed[failed["attempt"] < max_attempts]
+        kept = kept.filter(pc.is_in(kept["id"], value_set=index.ids.combine_chunks()))
+        done = kept.filter(kept["ok"])["id"]
+        failed = kept.filter(pc.invert(kept["ok"]))
+        spent = pc.greater_equal(failed["attempt"], max_attempts)
+        exhausted = failed.filter(spent)["id"]
+        retried = failed.filter(pc.invert(spent))
         if len(exhausted):
             log.warning("%d row(s) failed %d time(s) already and are not retried (raise --max-attempts to retry them)",
                         len(exhausted), max_attempts)
-        skip = pa.array(list(done) + list(exhausted), pa.string())
-        retries = pa.table({"id": pa.array(list(retried["id"]), pa.string()),
-                            "attempt": pa.array([int(a) + 1 for a in retried["attempt"]], pa.int32())})
-        return cls(skip, retries, index.num_rows - len(skip), len(done), len(retried), len(exhausted))
+        skip = pa.concat_arrays([done.combine_chunks(), exhausted.combine_chunks()]).cast(pa.string())
+        retries = pa.table({"id": retried["id"].cast(pa.string()),
+                            "attempt": pc.add(retried["attempt"], 1).cast(pa.int32())})
+        return cls(skip, retries, index.num_rows - len(skip), len(done), retried.num_rows, len(exhausted))
 
 
 def select_todo(batch: pa.Table, *, todo_refs: list, metadata: dict | None) -> pa.Table:

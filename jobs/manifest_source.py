@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from jobs.manifest import (
     CHUNK_ROWS,
     INT64,
+    Chunk,
     ManifestError,
     ManifestIndex,
     ManifestSchema,
@@ -53,7 +54,7 @@ class ManifestFile:
     def describe(self) -> str:
         return f"manifest {self.uri}"
 
-    def chunks(self) -> Iterator[RawManifest]:
+    def chunks(self) -> Iterator[Chunk]:
         self.jsonl_spans.clear()
         for raw in iter_manifest_chunks(self.uri, self.storage_options):
             if getattr(raw, "span", None) is not None:
@@ -72,7 +73,7 @@ class ManifestFile:
             spans = [{"start": a, "stop": b} for a, b in self.jsonl_spans]
         ds = ray.data.from_items(spans, override_num_blocks=max(1, len(spans)))
         return ds.map_batches(_read_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
-                              fn_kwargs={"source": self, "schema": schema}), _table_rows
+                              fn_kwargs={"source": self, "schema": schema})
 
     def read_span(self, span: dict, schema: ManifestSchema) -> pa.Table:
         import fsspec
@@ -124,18 +125,17 @@ class ClassRange:
         )
         return pa.table({"id": ids, "seed": pa.array(index + self.seed), "class_label": pa.array(labels)})
 
-    def chunks(self) -> Iterator[RawManifest]:
+    def chunks(self) -> Iterator[pa.Table]:
         for start in range(0, self.num_rows, CHUNK_ROWS):
-            yield RawManifest(self.rows(start, min(start + CHUNK_ROWS, self.num_rows)).to_pydict())
+            yield self.rows(start, min(start + CHUNK_ROWS, self.num_rows))
 
     def raw_dataset(self, cpus: float, schema: ManifestSchema):
         import ray
 
         spans = [{"start": s, "stop": min(s + CHUNK_ROWS, self.num_rows)} for s in range(0, self.num_rows, CHUNK_ROWS)]
-        ds = ray.data.from_items(spans).map_batches(
+        return ray.data.from_items(spans).map_batches(
             _expand_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"source": self}
         )
-        return ds, _table_rows
 
 
 @dataclass(frozen=True)
@@ -145,13 +145,13 @@ class ManifestTable:
     def describe(self) -> str:
         return f"{self.table.num_rows} row(s) in memory"
 
-    def chunks(self) -> Iterator[RawManifest]:
+    def chunks(self) -> Iterator[pa.Table]:
         return table_chunks(self.table)
 
     def raw_dataset(self, cpus: float, schema: ManifestSchema):
         import ray
 
-        return ray.data.from_arrow([self.table.slice(s, CHUNK_ROWS) for s in range(0, self.table.num_rows, CHUNK_ROWS)]), _table_rows
+        return ray.data.from_arrow(list(table_chunks(self.table)))
 
 
 ManifestSource = ManifestFile | ClassRange | ManifestTable
@@ -189,28 +189,23 @@ def normalised_chunks(source: ManifestSource, schema: ManifestSchema, index: Man
 
 def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex, cpus: float):
     """Ray Data dataset of the source's rows, typed exactly as the driver's validation typed them."""
-    ds, to_raw = source.raw_dataset(cpus, schema)
-    return ds.map_batches(
+    return source.raw_dataset(cpus, schema).map_batches(
         _normalise, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
-        fn_kwargs={"to_raw": to_raw, "schema": schema, "target": index.schema, "where": source.describe()},
+        fn_kwargs={"schema": schema, "target": index.schema, "where": source.describe()},
     )
 
 
-def _normalise(batch: pa.Table, *, to_raw, schema: ManifestSchema, target: pa.Schema, where: str) -> pa.Table:
-    return conform(revalidated(to_raw(batch), schema, where), target)
+def _normalise(batch: pa.Table, *, schema: ManifestSchema, target: pa.Schema, where: str) -> pa.Table:
+    return conform(revalidated(batch, schema, where), target)
 
 
-def revalidated(raw: RawManifest, schema: ManifestSchema, where: str, offset: int = 0) -> pa.Table:
+def revalidated(raw: Chunk, schema: ManifestSchema, where: str, offset: int = 0) -> pa.Table:
     """Rows read a second time, typed by the checks they passed the first time; a file changed in between fails
     the run rather than generating rows nobody validated."""
     problems, table = check_rows(raw, schema, offset)
     if problems:
         raise ManifestError(f"{where} changed after the job validated it: {problems[0][1]}")
     return table
-
-
-def _table_rows(batch: pa.Table) -> RawManifest:
-    return RawManifest(batch.to_pydict())
 
 
 def _read_spans(batch: pa.Table, *, source: ManifestFile, schema: ManifestSchema) -> pa.Table:
