@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs.manifest import class_manifest
 from test_faults import INVARDIFF, REPO, cli_env
@@ -22,14 +23,44 @@ BOUND = "200"  # dB, above the 100 dB that identical images are capped at: every
 ALARM = "shadow fidelity "  # the alarm's line; a shadow may differ from its row by rounding (batch of its own)
 
 
-def generate(out: Path, classes: int, per_class: int, shadow: float, *extra: str
-             ) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """The CLI's run of classes 0..classes-1, and the ids it is asked for."""
-    args = ["generate", "--steps", "2", "--classes", f"0-{classes - 1}", "--per-class", str(per_class), "--seed", "0",
-            "--batch-size", "4", "--rows-per-file", "4", "--workers", "1", "--shadow", str(shadow), "--min-psnr", BOUND,
-            "--out", str(out), *extra]
-    done = subprocess.run([INVARDIFF, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
-    return done, set(class_manifest(list(range(classes)), per_class, seed=0).column("id").to_pylist())
+class Run:
+    """The CLI's run of classes 0..classes-1 started in the background; `result()` waits for it."""
+
+    def __init__(self, out: Path, classes: int, per_class: int, shadow: float, *extra: str) -> None:
+        args = ["generate", "--steps", "2", "--classes", f"0-{classes - 1}", "--per-class", str(per_class), "--seed",
+                "0", "--batch-size", "4", "--rows-per-file", "4", "--workers", "1", "--shadow", str(shadow),
+                "--min-psnr", BOUND, "--out", str(out), *extra]
+        self.out = out
+        self.asked = set(class_manifest(list(range(classes)), per_class, seed=0).column("id").to_pylist())
+        # Files, not pipes: the run not waited on yet must never block on a full pipe
+        self.stdout, self.stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        with self.stdout.open("w") as stdout, self.stderr.open("w") as stderr:
+            self.process = subprocess.Popen([INVARDIFF, *args], cwd=REPO, env=cli_env(), stdout=stdout, stderr=stderr)
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(timeout=240)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.stdout.read_text(),
+                                           self.stderr.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both runs at once: each is mostly Ray starting up, which overlaps well even on 2 cores."""
+    root = tmp_path_factory.mktemp("drift")
+    # 1000 rows in blocks of 32; the 8th shadow of a tenth is row 120, so the alarm trips in the 4th block, after
+    # files were committed, and far from the end
+    stopped = Run(root / "stopped", 10, 100, 0.1, "--stop-on-drift")
+    logged = Run(root / "logged", 4, 6, 1.0)  # 24 rows: the alarm trips at the second of six batches
+    yield {"stopped": stopped, "logged": logged}
+    for run in (stopped, logged):  # a test not run (-k) leaves its process: it must not outlive the session
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
 
 
 def last_run(out: Path) -> dict:
@@ -46,42 +77,40 @@ def assert_no_leftovers(out: Path) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix not in (".parquet", ".json")]
 
 
-def test_stop_on_drift_stops_the_run_with_exit_4_and_leaves_only_whole_rows(tmp_path):
-    out = tmp_path / "out"
-    # 1000 rows in blocks of 32; the 8th shadow of a tenth is row 120, so the alarm trips in the 4th block, after
-    # files were committed, and far from the end
-    done, asked = generate(out, 10, 100, 0.1, "--stop-on-drift")
+def test_stop_on_drift_stops_the_run_with_exit_4_and_leaves_only_whole_rows(runs):
+    out, asked = runs["stopped"].out, runs["stopped"].asked
+    done = runs["stopped"].result()
     log = done.stdout + done.stderr
     assert done.returncode == 4, log
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: stopped on drift ({ALARM}"), log
     assert f"below --min-psnr {BOUND}" in errors[0] and "Traceback" not in log
 
-    run = last_run(out)
-    assert run["status"] == "incomplete" and run["message"].startswith("stopped on drift")
-    assert run["shadow"]["stopped"] is True and run["shadow"]["drift"].startswith(ALARM)
-    assert run["shadow"]["drift"].endswith(f"below --min-psnr {BOUND}")
-    assert run["shadow"]["rows"] >= 8 and run["shadow"]["mean_psnr"] <= 100.0
+    record = last_run(out)
+    assert record["status"] == "incomplete" and record["message"].startswith("stopped on drift")
+    assert record["shadow"]["stopped"] is True and record["shadow"]["drift"].startswith(ALARM)
+    assert record["shadow"]["drift"].endswith(f"below --min-psnr {BOUND}")
+    assert record["shadow"]["rows"] >= 8 and record["shadow"]["mean_psnr"] <= 100.0
     ids = written_ids(out)
     assert all(n == 1 for n in ids.values()) and set(ids) <= asked
-    assert 0 < run["written"] == len(ids) < len(asked)
-    assert run["missing"] == len(asked) - len(ids) and run["failed"] == 0
+    assert 0 < record["written"] == len(ids) < len(asked)
+    assert record["missing"] == len(asked) - len(ids) and record["failed"] == 0
     assert f"{len(asked)} rows asked: {len(ids)} written, 0 failed, {len(asked) - len(ids)} missing" in errors[0]
     assert_no_leftovers(out)
 
 
-def test_without_stop_on_drift_the_alarm_is_logged_and_every_row_written(tmp_path):
-    out = tmp_path / "out"
-    done, asked = generate(out, 4, 6, 1.0)  # 24 rows: the alarm trips at the second of six batches
+def test_without_stop_on_drift_the_alarm_is_logged_and_every_row_written(runs):
+    out, asked = runs["logged"].out, runs["logged"].asked
+    done = runs["logged"].result()
     log = done.stdout + done.stderr
     assert done.returncode == 0, log
     assert f"drift alarm: {ALARM}" in done.stderr and f"DRIFT: {ALARM}" in done.stdout, log
     assert not [line for line in done.stderr.splitlines() if line.startswith("error:")], log
 
-    run = last_run(out)
-    assert run["status"] == "complete" and run["written"] == 24 and run["missing"] == 0
-    assert run["shadow"]["stopped"] is False and run["shadow"]["drift"].startswith(ALARM)
-    assert run["shadow"]["drift"].endswith(f"below --min-psnr {BOUND}")
-    assert run["shadow"]["rows"] == 24
+    record = last_run(out)
+    assert record["status"] == "complete" and record["written"] == 24 and record["missing"] == 0
+    assert record["shadow"]["stopped"] is False and record["shadow"]["drift"].startswith(ALARM)
+    assert record["shadow"]["drift"].endswith(f"below --min-psnr {BOUND}")
+    assert record["shadow"]["rows"] == 24
     assert written_ids(out) == Counter(asked)
     assert_no_leftovers(out)
