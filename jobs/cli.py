@@ -81,6 +81,39 @@ def _generator_config(model, steps, guidance, dtype, device, height, width, true
     )
 
 
+# The settings a plan is tied to. `generate` and `calibrate` declare them once, here, so that the flags a plan was
+# calibrated with mean the same to the generate that uses it (names, defaults, help).
+_GENERATOR_OPTIONS = {
+    "model": (str, typer.Option("digits", "--model", help=MODEL_HELP)),
+    "steps": (Optional[int], typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28).")),
+    "guidance": (Optional[float], typer.Option(None, "--guidance", help="Guidance scale (default: the model's).")),
+    "dtype": (str, typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")),
+    "device": (Optional[str], typer.Option(None, "--device", help="cpu or cuda (default: cuda where there are GPUs).")),
+    "height": (Optional[int], typer.Option(None, "--height", help="FLUX only: image height.")),
+    "width": (Optional[int], typer.Option(None, "--width", help="FLUX only: image width.")),
+    "true_cfg": (float, typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale (>1 runs cond and uncond).")),
+}
+
+
+def _takes_generator_options(command):
+    """`command(..., *, generator_config)` as a command with the options --model ... --true-cfg (after its own),
+    handed to it as one pipelines.build.GeneratorConfig."""
+    import functools
+    import inspect
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "generator_config"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, (kind, option) in _GENERATOR_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def with_generator(**options):
+        settings = {name: options.pop(name) for name in _GENERATOR_OPTIONS}
+        return command(**options, generator_config=_generator_config(**settings))
+
+    with_generator.__signature__ = inspect.Signature(own + added)
+    return with_generator
+
+
 def _manifest_schema(model: str):
     from jobs.manifest import ManifestSchema
     from pipelines import digits
@@ -169,6 +202,7 @@ def _load_plan_json(plan: Optional[str]) -> Optional[str]:
     "is failed or missing; rerun to resume); 2 bad input, found before any work (one line); 4 --stop-on-drift "
     "stopped the run: the shadow rows' PSNR fell below --min-psnr (what was written stays); 130 interrupted."
 )
+@_takes_generator_options
 def generate(
     out: str = typer.Option(..., "--out", help="Output directory or URI (s3://bucket/run1) for the Parquet files."),
     manifest: Optional[str] = typer.Option(
@@ -183,7 +217,6 @@ def generate(
     ),
     per_prompt: int = typer.Option(1, "--per-prompt", help="With --prompt: images per prompt."),
     seed: int = typer.Option(0, "--seed", help="With --classes/--prompt: seed of the first row; row i gets seed+i."),
-    model: str = typer.Option("digits", "--model", help=MODEL_HELP),
     plan: Optional[str] = typer.Option(
         None, "--plan", help="InvarDiff plan (JSON path or URI) to cache with, or 'latest': the store's latest plan "
         "for this model and settings. Omit for uncached generation."
@@ -202,13 +235,6 @@ def generate(
         "row", "--dicache-batch-mode", help="--policy dicache: row (each image decides for itself) or global "
         "(one decision per batch, as the reference code)."
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale (default: the model's)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when Ray has GPUs)."),
-    height: Optional[int] = typer.Option(None, "--height", help="FLUX only: image height."),
-    width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
-    true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale (>1 runs cond and uncond)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per model call on one actor."),
     workers: Optional[int] = typer.Option(
         None, "--workers", min=1, help="Generation actors (default: one per GPU, or 1 on CPU)."
@@ -241,6 +267,8 @@ def generate(
     stop_on_drift: bool = typer.Option(
         False, "--stop-on-drift", help="With --min-psnr: stop the run when the drift alarm trips (exit 4)."
     ),
+    *,
+    generator_config,
 ):
     """Generate images into Parquet with a Ray Data job: one row per manifest row (PNG + metrics).
 
@@ -265,7 +293,7 @@ def generate(
         table = ClassRange(tuple(parse_class_range(classes)), per_class, seed)
     else:
         table = ManifestTable(prompt_manifest(list(prompt), per_prompt, seed))
-    schema = _manifest_schema(model)
+    schema = _manifest_schema(generator_config.model)
     from jobs.shadow_watch import ShadowOptions
 
     try:
@@ -278,12 +306,10 @@ def generate(
         summary = run_generate(
             table,
             out,
-            _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg),
+            generator_config,
             schema=schema,
             plan_json=_shipped_policy(
-                _resolve_latest_plan(store, _generator_config(model, steps, guidance, dtype, device, height, width,
-                                                              true_cfg), address) if plan == "latest"
-                else _load_plan_json(plan),
+                _resolve_latest_plan(store, generator_config, address) if plan == "latest" else _load_plan_json(plan),
                 policy_name=policy, dicache_threshold=dicache_threshold, dicache_batch_mode=dicache_batch_mode,
             ),
             batch_size=batch_size,
@@ -361,6 +387,7 @@ def _parse_taus(values: Optional[list[str]]) -> dict[str, float]:
 
 @app.command(epilog=exit_codes("1 calibration failed", EXIT_BAD_INPUT, "3 --refresh: the new plan is stored but not "
                                 "promoted (drift or held-out fidelity out of bounds); the previous plan stays latest"))
+@_takes_generator_options
 def calibrate(
     out: Optional[str] = typer.Option(None, "--out", help="Where to write the plan JSON (local path or URI)."),
     workers: Optional[int] = typer.Option(
@@ -412,14 +439,8 @@ def calibrate(
     provisional_mode: str = typer.Option(
         "full", "--provisional-mode", help="Phase-1 plan that drives the phase-2 correction: full or dit-legacy."
     ),
-    model: str = typer.Option("digits", "--model", help=MODEL_HELP),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps the plan is for."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="Guidance scale the plan is for."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
-    height: Optional[int] = typer.Option(None, "--height", help="FLUX only: image height."),
-    width: Optional[int] = typer.Option(None, "--width", help="FLUX only: image width."),
-    true_cfg: float = typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale."),
+    *,
+    generator_config,
 ):
     """Calibrate a plan from deterministic uncached runs: one validated plan.
 
@@ -478,7 +499,7 @@ def calibrate(
         from jobs.calibrate import calibrate_command
 
         code = calibrate_command(
-            _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg), make_bundle,
+            generator_config, make_bundle,
             workers=1 if workers is None else workers, store=store, out=out, refresh=refresh, min_jaccard=min_jaccard,
             max_speedup_change=max_speedup_change, max_psnr_drop=max_psnr_drop, runs=runs, seed=seed, batch_size=batch_size,
             provisional_mode=provisional_mode, address=address,
@@ -490,7 +511,7 @@ def calibrate(
         raise UserError("--refresh compares against a plan store: give --store DIR_OR_URI")
     if out is None:
         raise UserError("give --out PLAN.json (single process) or --store DIR_OR_URI (Ray job, plan store)")
-    generator = build_generator(_generator_config(model, steps, guidance, dtype, device, height, width, true_cfg))
+    generator = build_generator(generator_config)
     bundle = make_bundle(generator.architecture)
     requests = calibration_requests(generator, runs=runs, seed=seed)
     if goal is not None:
