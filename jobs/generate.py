@@ -44,9 +44,9 @@ ACTOR_START_TIMEOUT_S = int(os.environ.get("INVARDIFF_ACTOR_START_TIMEOUT_S", "1
 WRITE_TASK_CPUS = 0.25
 # Reading the manifest and picking the rows still to do: light tasks that fit beside the write tasks.
 READ_TASK_CPUS = 0.1
-# Rows per output file, at most: big enough for downstream readers, small enough that a file lands every few
+# Rows per output file, about: big enough for downstream readers, small enough that a file lands every few
 # minutes on a GPU pool (fewer rows per file when the whole run is small, so its work still spreads).
-DEFAULT_MAX_ROWS_PER_FILE = 10_000
+DEFAULT_ROWS_PER_FILE = 10_000
 DEFAULT_MAX_ATTEMPTS = 3
 
 
@@ -430,7 +430,10 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.count / (workers * 2))))
     if rows_per_file is None:
-        rows_per_file = max(rows_per_block, min(DEFAULT_MAX_ROWS_PER_FILE, math.ceil(todo.count / (workers * 4))))
+        # Whole blocks: a writer gathers blocks until it has rows_per_file, so a target between two block
+        # counts would leave every file with a block's remainder as a file of its own (195 files for 1M rows).
+        wanted = min(DEFAULT_ROWS_PER_FILE, math.ceil(todo.count / (workers * 4)))
+        rows_per_file = max(1, wanted // rows_per_block) * rows_per_block
     # The class names ride on the rows' schema to the actors, which write them as ClassLabel metadata.
     named = hf_features.with_metadata(index.schema, class_names(generator_config.model))
     todo_refs = [ray.put(todo.skip), ray.put(todo.retries)]
@@ -462,7 +465,7 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     with console.Progress("generate", todo.count) as progress, monitor:
         progress.follow(console.read_counter(counter))
         ds.write_parquet(
-            path, filesystem=fs, min_rows_per_file=rows_per_file, max_rows_per_file=rows_per_file,
+            path, filesystem=fs, min_rows_per_file=rows_per_file,
             filename_provider=outputs.filename_provider(run_id),
             ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
         )
@@ -503,8 +506,12 @@ def _stop_ray() -> None:
     after the cleanup looked for half-written ones (an embedded Ray stops with it; on a cluster the job's
     workers are stopped when their driver disconnects)."""
     import ray
+    from ray._private import auto_init_hook
 
     if ray.is_initialized():
+        # Ray Data's executor threads go on polling for a moment after an interrupt; with auto-connect on, the
+        # first of them to call Ray after the shutdown would start a whole new local Ray (20 s on 2 cores).
+        auto_init_hook.enable_auto_connect = False
         ray.shutdown()
 
 
