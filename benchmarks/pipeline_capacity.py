@@ -322,7 +322,7 @@ def phase_actor(args, logs: Path) -> dict:
     profile.disable()
     stats = pstats.Stats(profile)
     total = stats.total_tt
-    wanted = {("runner.py", "encode_png"): "PNG encoding", ("outputs.py", "rows_to_table"): "rows_to_table",
+    wanted = {("png.py", "encode_pngs"): "PNG encoding", ("outputs.py", "rows_to_table"): "rows_to_table",
               ("loadtest.py", "generate"): "the stand-in model", ("runner.py", "run_batch"): "run_batch (all of it)"}
     parts = {}
     for (filename, _, function), (_, _, _, cumulative, _) in stats.stats.items():
@@ -384,14 +384,11 @@ def summary_markdown(results: dict) -> str:
                   f"- output: {out['files']} files, {out['bytes'] / 2**20:.1f} MiB, rows per file {out['rows_per_file']},"
                   f" MiB per file {out['mib_per_file']}, {out['bytes_per_row']} bytes per row, "
                   f"{out['png_bytes_per_image']} PNG bytes per image"]
-    if results.get("rerun"):
-        r = results["rerun"]
-        lines += ["", f"## Resume, 100 % done: wall {r['wall_s']} s, CPU {r['cpu_s_total']} s, driver peak RSS "
-                  f"{r['peak_rss_gib'].get('driver')} GiB, exit {r['exit_code']}"]
-    if results.get("report"):
-        r = results["report"]
-        lines += ["", f"## Report: wall {r['wall_s']} s, CPU {r['cpu_s_total']} s, peak RSS "
-                  f"{r['peak_rss_gib'].get('driver')} GiB, exit {r['exit_code']}"]
+    for phase, title in (("rerun", "Resume, 100 % done"), ("report", "Report")):
+        r = results.get(phase)
+        if r:
+            lines += ["", f"## {title}: wall {r['wall_s']} s, CPU {r['cpu_s_total']} s, driver peak RSS "
+                      f"{r['peak_rss_gib'].get('driver')} GiB, exit {r['exit_code']}"]
     if results.get("half"):
         h = results["half"]
         lines += ["", f"## Resume, 50 % done: interrupted at {h['interrupted']['interrupted_at_s']} s with "

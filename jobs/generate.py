@@ -407,7 +407,7 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     import ray
 
     from jobs import console, hf_features
-    from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for
+    from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for, node_cpus
     from jobs.shadow_watch import DriftMonitor, start_watch
     from pipelines.build import class_names
 
@@ -437,10 +437,14 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     # The class names ride on the rows' schema to the actors, which write them as ClassLabel metadata.
     named = hf_features.with_metadata(index.schema, class_names(generator_config.model))
     todo_refs = [ray.put(todo.skip), ray.put(todo.retries)]
-    ds = rows_dataset(source, schema, index, cpus=READ_TASK_CPUS)
-    ds = ds.map_batches(select_todo, batch_size=None, batch_format="pyarrow", num_cpus=READ_TASK_CPUS,
-                        fn_kwargs={"todo_refs": todo_refs, "metadata": named.metadata})
-    ds = _in_blocks_of(ds, rows_per_block)
+    # One read task per node at a time, as cpu_actor_shape reserves: reads keep well ahead of the actors, and
+    # the share kept for the Parquet writes stays theirs (three reads at once took it, and the first file
+    # landed only once the whole manifest had been read).
+    read = dict(num_cpus=READ_TASK_CPUS, concurrency=max(1, len(node_cpus())))
+    ds = rows_dataset(source, schema, index, **read)
+    ds = ds.map_batches(select_todo, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"todo_refs": todo_refs, "metadata": named.metadata}, **read)
+    ds = _in_blocks_of(ds, rows_per_block, **read)
     counter = console.row_counter()
     watch = start_watch(shadow) if shadow is not None and shadow.enabled else None
     ds = ds.map_batches(
@@ -472,18 +476,20 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     return workers, "cuda" if gpus else "cpu"
 
 
-def _in_blocks_of(ds, rows: int):
-    """`ds.repartition(target_num_rows_per_block=rows)` (streaming), at READ_TASK_CPUS per task.
+def _in_blocks_of(ds, rows: int, *, num_cpus: float, concurrency: int):
+    """`ds.repartition(target_num_rows_per_block=rows)` (streaming), with the read tasks' CPUs and concurrency
+    (so that it runs fused with them, in the same task).
 
     Blocks of a few batches spread the work over every actor. The public call asks 1 CPU per task, which never
     schedules beside a CPU actor pool holding the rest of the node: Ray Data then waits forever. Ray is pinned
     to 2.60 (pyproject.toml); tests/test_generate_job.py runs this on every job."""
     from ray.data import Dataset
+    from ray.data._internal.compute import TaskPoolStrategy
     from ray.data._internal.logical.interfaces import LogicalPlan
     from ray.data._internal.logical.operators import StreamingRepartition
 
     op = StreamingRepartition(target_num_rows_per_block=rows, input_dependencies=[ds._logical_plan.dag],
-                              ray_remote_args={"num_cpus": READ_TASK_CPUS})
+                              ray_remote_args={"num_cpus": num_cpus}, compute=TaskPoolStrategy(size=concurrency))
     return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
@@ -558,11 +564,11 @@ def cpu_actor_shape(workers: int) -> tuple[float, int]:
     follow the share: more threads than cores oversubscribes a node (on a busy 2-core machine one batch
     took 1.1 s with 1 thread and 6-12 s with 2). INVARDIFF_TORCH_THREADS overrides the thread count.
     """
-    import ray
+    from jobs.ray_runtime import node_cpus
 
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0)]
-    smallest = min(node_cpus) if node_cpus else 1.0
-    actors_per_node = math.ceil(workers / max(1, len(node_cpus)))
+    nodes = node_cpus()
+    smallest = min(nodes) if nodes else 1.0
+    actors_per_node = math.ceil(workers / max(1, len(nodes)))
     actor_cpus = max(0.05, (smallest - READ_TASK_CPUS - WRITE_TASK_CPUS) / actors_per_node)
     override = os.environ.get("INVARDIFF_TORCH_THREADS")
     threads = int(override) if override else int(smallest // actors_per_node)

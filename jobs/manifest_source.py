@@ -61,7 +61,7 @@ class ManifestFile:
                 self.jsonl_spans.append(raw.span)
             yield raw
 
-    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+    def raw_dataset(self, schema: ManifestSchema, **task):
         import fsspec
         import pyarrow.parquet as pq
         import ray
@@ -72,8 +72,8 @@ class ManifestFile:
         else:
             spans = [{"start": a, "stop": b} for a, b in self.jsonl_spans]
         ds = ray.data.from_items(spans, override_num_blocks=max(1, len(spans)))
-        return ds.map_batches(_read_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
-                              fn_kwargs={"source": self, "schema": schema})
+        return ds.map_batches(_read_spans, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"source": self, "schema": schema}, **task)
 
     def read_span(self, span: dict, schema: ManifestSchema) -> pa.Table:
         import fsspec
@@ -129,12 +129,12 @@ class ClassRange:
         for start in range(0, self.num_rows, CHUNK_ROWS):
             yield self.rows(start, min(start + CHUNK_ROWS, self.num_rows))
 
-    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+    def raw_dataset(self, schema: ManifestSchema, **task):
         import ray
 
         spans = [{"start": s, "stop": min(s + CHUNK_ROWS, self.num_rows)} for s in range(0, self.num_rows, CHUNK_ROWS)]
         return ray.data.from_items(spans).map_batches(
-            _expand_spans, batch_size=1, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"source": self}
+            _expand_spans, batch_size=1, batch_format="pyarrow", fn_kwargs={"source": self}, **task
         )
 
 
@@ -148,7 +148,7 @@ class ManifestTable:
     def chunks(self) -> Iterator[pa.Table]:
         return table_chunks(self.table)
 
-    def raw_dataset(self, cpus: float, schema: ManifestSchema):
+    def raw_dataset(self, schema: ManifestSchema, **task):
         import ray
 
         return ray.data.from_arrow(list(table_chunks(self.table)))
@@ -187,11 +187,12 @@ def normalised_chunks(source: ManifestSource, schema: ManifestSchema, index: Man
         offset += raw.num_rows
 
 
-def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex, cpus: float):
-    """Ray Data dataset of the source's rows, typed exactly as the driver's validation typed them."""
-    return source.raw_dataset(cpus, schema).map_batches(
-        _normalise, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
-        fn_kwargs={"schema": schema, "target": index.schema, "where": source.describe()},
+def rows_dataset(source: ManifestSource, schema: ManifestSchema, index: ManifestIndex, **task):
+    """Ray Data dataset of the source's rows, typed exactly as the driver's validation typed them; `task`: the
+    read tasks' options (num_cpus, concurrency)."""
+    return source.raw_dataset(schema, **task).map_batches(
+        _normalise, batch_size=None, batch_format="pyarrow",
+        fn_kwargs={"schema": schema, "target": index.schema, "where": source.describe()}, **task,
     )
 
 

@@ -64,6 +64,13 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def node_cpus() -> list[float]:
+    """The CPU count of each live node that has CPUs."""
+    import ray
+
+    return [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0)]
+
+
 def cluster_cpus() -> float:
     import ray
 
