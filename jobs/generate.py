@@ -48,6 +48,10 @@ READ_TASK_CPUS = 0.1
 # minutes on a GPU pool (fewer rows per file when the whole run is small, so its work still spreads).
 DEFAULT_ROWS_PER_FILE = 10_000
 DEFAULT_MAX_ATTEMPTS = 3
+# CPUs a GPU actor reserves at most: it encodes each batch's PNGs on that many threads (pipelines/png.py) while
+# its GPU waits. Estimated, not yet measured on a GPU: 2.5 ms of CPU per 256x256 image, so a 32-image batch of
+# cached DiT-XL/2 (~160 ms of GPU at ~200 images/s) waits 80 ms on one thread, 20 ms on four.
+GPU_ACTOR_MAX_CPUS = 4
 
 
 class RequestMismatchError(JobInputError):
@@ -252,14 +256,13 @@ def _run_holding_lease(source, index, location, lease, request, generator_config
                              max_attempts=max_attempts)
     record.save(location)  # before the first data file: every file of this run is attributable to it
 
-    failure, workers_used, device, interrupted = None, 0, "none", None
+    failure, pool, interrupted = None, None, None
     started = time.perf_counter()
     try:
         if todo.count:
-            workers_used, device = _write(source, index, todo, location, run_id, generator_config, schema=schema,
-                                          plan_json=plan_json, batch_size=batch_size, workers=workers,
-                                          address=address, rows_per_file=rows_per_file, batch_class=batch_class,
-                                          shadow=shadow)
+            pool = ActorPool.for_job(generator_config, workers, address)
+            _write(source, index, todo, location, run_id, pool, schema=schema, plan_json=plan_json,
+                   batch_size=batch_size, rows_per_file=rows_per_file, batch_class=batch_class, shadow=shadow)
         else:
             log.warning("all %d rows are already in %s; nothing to generate", index.num_rows, location.uri)
     except KeyboardInterrupt as e:
@@ -286,7 +289,7 @@ def _run_holding_lease(source, index, location, lease, request, generator_config
     summary = GenerateSummary(
         out=location.uri, run_id=run_id, rows_already_there=todo.already_there, rows_attempted=todo.count,
         rows_retried=todo.retried, rows_exhausted=todo.exhausted, reconciliation=reconciliation, seconds=seconds,
-        workers=workers_used, device=device, failure=failure,
+        workers=pool.workers if pool else 0, device=pool.device if pool else "none", failure=failure,
         shadow=shadow.record() if shadow is not None and shadow.enabled else None,
     )
     status = "complete" if summary.complete else ("interrupted" if interrupted else "incomplete")
@@ -402,31 +405,50 @@ def _fetch_todo(refs: list) -> tuple[pa.Array, pa.Table]:
     return _TODO_CACHE[key]
 
 
-def _write(source, index, todo: Todo, location, run_id, generator_config, *, schema, plan_json, batch_size, workers,
-           address, rows_per_file, batch_class, shadow=None) -> tuple[int, str]:
+@dataclass(frozen=True)
+class ActorPool:
+    """The generation actors a job runs: how many, on which device, each with what CPU share."""
+
+    workers: int
+    gpus: int  # GPUs in the cluster (0: CPU actors)
+    actor_cpus: float
+    torch_threads: int
+    config: GeneratorConfig  # with the device the actors use
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus else "cpu"
+
+    @classmethod
+    def for_job(cls, generator_config: GeneratorConfig, workers: int | None, address: str | None) -> ActorPool:
+        """Starts (or joins) Ray: the pool is shaped by what the cluster has."""
+        from jobs.ray_runtime import cluster_gpus, ensure_ray
+
+        ensure_ray(address)
+        gpus = cluster_gpus() if generator_config.device in (None, "cuda") else 0
+        config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
+        if workers is None:
+            workers = max(1, gpus) if gpus else 1
+        actor_cpus, torch_threads = gpu_actor_shape() if gpus else cpu_actor_shape(workers)
+        return cls(workers, gpus, actor_cpus, torch_threads, config)
+
+
+def _write(source, index, todo: Todo, location, run_id, pool: ActorPool, *, schema, plan_json, batch_size,
+           rows_per_file, batch_class, shadow=None) -> None:
     import ray
 
     from jobs import console, hf_features
-    from jobs.ray_runtime import cluster_gpus, ensure_ray, filesystem_for, node_cpus
+    from jobs.ray_runtime import filesystem_for, node_cpus
     from jobs.shadow_watch import DriftMonitor, start_watch
     from pipelines.build import class_names
 
-    ensure_ray(address)
     if not console.verbose():
         _hide_ray_data_failure_reports()
     # Start generating only when the whole pool is up: otherwise the first actor to load the model
     # takes most blocks of a small job, and on a cluster a node that cannot start its actor would go
     # unnoticed while the job quietly runs at a fraction of its throughput.
     ray.data.DataContext.get_current().wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    gpus = cluster_gpus() if generator_config.device in (None, "cuda") else 0
-    config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
-    if workers is None:
-        workers = max(1, gpus) if gpus else 1
-    if gpus:
-        actor_cpus, torch_threads = 1.0, None
-    else:
-        actor_cpus, torch_threads = cpu_actor_shape(workers)
-
+    workers = pool.workers
     # Several batches per block keep actors busy, and enough blocks exist for every actor to get work.
     rows_per_block = max(batch_size, min(batch_size * 8, math.ceil(todo.count / (workers * 2))))
     if rows_per_file is None:
@@ -435,7 +457,7 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
         wanted = min(DEFAULT_ROWS_PER_FILE, math.ceil(todo.count / (workers * 4)))
         rows_per_file = max(1, wanted // rows_per_block) * rows_per_block
     # The class names ride on the rows' schema to the actors, which write them as ClassLabel metadata.
-    named = hf_features.with_metadata(index.schema, class_names(generator_config.model))
+    named = hf_features.with_metadata(index.schema, class_names(pool.config.model))
     todo_refs = [ray.put(todo.skip), ray.put(todo.retries)]
     # One read task per node at a time, as cpu_actor_shape reserves: reads keep well ahead of the actors, and
     # the share kept for the Parquet writes stays theirs (three reads at once took it, and the first file
@@ -452,10 +474,11 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpus else 0,
-        num_cpus=actor_cpus,
+        num_gpus=1 if pool.gpus else 0,
+        num_cpus=pool.actor_cpus,
         fn_constructor_kwargs=dict(
-            generator_config=asdict(config), plan_json=plan_json, torch_threads=torch_threads, progress=counter,
+            generator_config=asdict(pool.config), plan_json=plan_json, torch_threads=pool.torch_threads,
+            progress=counter,
             **({} if watch is None else dict(shadow={"fraction": shadow.fraction, "keep_images": shadow.keep_images},
                                              shadow_watch=watch)),
         ),
@@ -463,7 +486,7 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
     fs, path = filesystem_for(location.uri)
     log.info(
         "generating %d images with %d %s actor(s), batch size %d; output: %s (run %s)",
-        todo.count, workers, "GPU" if gpus else "CPU", batch_size, location.uri, run_id,
+        todo.count, workers, "GPU" if pool.gpus else "CPU", batch_size, location.uri, run_id,
     )
     monitor = DriftMonitor(watch, shadow, on_stop=_interrupt_main) if watch is not None else contextlib.nullcontext()
     with console.Progress("generate", todo.count) as progress, monitor:
@@ -473,7 +496,6 @@ def _write(source, index, todo: Todo, location, run_id, generator_config, *, sch
             filename_provider=outputs.filename_provider(run_id),
             ray_remote_args={"num_cpus": WRITE_TASK_CPUS},
         )
-    return workers, "cuda" if gpus else "cpu"
 
 
 def _in_blocks_of(ds, rows: int, *, num_cpus: float, concurrency: int):
@@ -551,6 +573,17 @@ def one_line(e: BaseException) -> str:
     else:
         message = quoted.group(2) if quoted else (text.splitlines()[0] if text else "")
     return f"{type(error).__name__}: {message}"[:500] if message else type(error).__name__
+
+
+def gpu_actor_shape() -> tuple[float, int]:
+    """(CPUs reserved, threads) for each GPU actor: its GPU's share of the node's CPUs, less the manifest reads'
+    and Parquet writes' share, up to GPU_ACTOR_MAX_CPUS; at least 1."""
+    from jobs.ray_runtime import node_shapes
+
+    per_gpu = [cpus / gpus for cpus, gpus in node_shapes() if gpus]
+    share = min(per_gpu) - READ_TASK_CPUS - WRITE_TASK_CPUS if per_gpu else 1.0
+    cpus = max(1, min(GPU_ACTOR_MAX_CPUS, math.floor(share)))
+    return float(cpus), cpus
 
 
 def cpu_actor_shape(workers: int) -> tuple[float, int]:

@@ -64,11 +64,16 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def node_cpus() -> list[float]:
-    """The CPU count of each live node that has CPUs."""
+def node_shapes() -> list[tuple[float, float]]:
+    """(CPUs, GPUs) of each live node."""
     import ray
 
-    return [n["Resources"]["CPU"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0.0)]
+    return [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
+
+
+def node_cpus() -> list[float]:
+    """The CPU count of each live node that has CPUs."""
+    return [cpus for cpus, _ in node_shapes() if cpus]
 
 
 def cluster_cpus() -> float:
