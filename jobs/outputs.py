@@ -229,7 +229,8 @@ class Rows:
             with location.fs.open(location.path(name), "rb") as f:
                 table = pq.read_table(f)
             dropped = superseded.filter(pc.equal(superseded["file"], index))["row"]
-            remaining = table.filter(pc.invert(pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=dropped)))
+            positions = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            remaining = table.filter(pc.invert(pc.is_in(positions, value_set=dropped)))
             if remaining.num_rows == 0:
                 location.remove(name)
                 continue
