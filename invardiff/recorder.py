@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState
 
-from ._hookutils import ContextStateManager, check_books, register_hook, remove_hooks, unwrap
+from ._hookutils import ContextStepHook, check_books, register_hook, remove_hooks, unwrap
 from .adapters import CacheSite, get_adapter
 
 _RECORDER_STEP_HOOK = "invardiff_recorder_step"
@@ -170,7 +170,8 @@ class RateRecorder:
 
     # -- bookkeeping (called from the hooks) ------------------------------------------------------------------------
 
-    def _begin_call(self, state: RecorderState, context: str) -> None:
+    def _begin_call(self, context: str) -> None:
+        """Refuse a call after a failed one or past the end of the context's generation."""
         if self._failure is not None:
             raise RuntimeError(f"RateRecorder: an earlier call failed ({self._failure}); start a new recorder.")
         if self._calls.get(context, 0) >= self.num_steps:
@@ -178,17 +179,11 @@ class RateRecorder:
                 f"RateRecorder records one generation per cache context; context {context!r} already ran "
                 f"{self.num_steps} steps. Use one recorder per calibration batch."
             )
-        self.active = state
 
-    def _end_call(self, state: RecorderState, context: str) -> None:
-        self.active = None
+    def _end_call(self, context: str) -> None:
         self._calls[context] = self._calls.get(context, 0) + 1
-        state.step += 1
-        if state.step == self.num_steps:
-            state.reset()  # the context's generation is complete: drop its anchors
 
     def _fail(self, error: BaseException) -> None:
-        self.active = None
         self._failure = f"{type(error).__name__}: {error}"
 
     def _check_batch(self, batch: int) -> None:
@@ -264,31 +259,27 @@ class RateRecorder:
         return result
 
 
-class _RecorderStepHook(ModelHook):
-    _is_stateful = True
+class _RecorderStepHook(ContextStepHook):
+    """Runs each transformer call with its context's `RecorderState` active for the site hooks; after the last
+    step the context's anchors are dropped. A failed call also marks the recorder failed: its rates would be
+    incomplete."""
 
     def __init__(self, recorder: RateRecorder) -> None:
-        super().__init__()
-        self.recorder = recorder
-        self.state_manager = ContextStateManager(RecorderState)
+        super().__init__(recorder, RecorderState)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        recorder = self.runtime
         state = self.state_manager.get_state()
         context = self.state_manager.context_name()
-        self.recorder._begin_call(state, context)
+        recorder._begin_call(context)
         try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = self.run_call(state, *args, **kwargs)  # a failed call clears every context's anchors
         except BaseException as error:
-            self.recorder._fail(error)
-            self.state_manager.clear_states()
+            recorder._fail(error)
             raise
-        self.recorder._end_call(state, context)
+        recorder._end_call(context)
+        self.advance(state, recorder.num_steps)
         return output
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.recorder.active = None
-        self.state_manager.reset()
-        return module
 
 
 class _RecorderSiteHook(ModelHook):

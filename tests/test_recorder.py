@@ -24,6 +24,7 @@ from invardiff_testing import (
 
 from invardiff import RateRecorder, get_adapter
 from invardiff.calibration import rates as reference_rates
+from invardiff.recorder import _RECORDER_STEP_HOOK
 
 EPS = 1e-8
 # The recorder subtracts in fp32 and sums in fp64; the references work in fp64 on the captured fp32 features.
@@ -205,3 +206,28 @@ def test_incomplete_or_repeated_generations_are_refused():
         with pytest.raises(RuntimeError, match="one generation per cache context"):
             sample_dit(model, x, labels, T, stop_after=1)
     assert [n for n in model._diffusers_hook.hooks] == []  # detached on exit
+
+
+def test_a_failed_call_drops_every_anchor_and_refuses_the_rest():
+    T = 5
+    model = tiny_dit()
+    x, labels = dit_inputs(1)
+
+    def fail_at_step_2(module, inputs, output):
+        if len(calls) == 2:
+            raise ValueError("boom")
+        calls.append(1)
+
+    calls = []
+    handle = get_adapter(model).blocks(model)[-1].module.register_forward_hook(fail_at_step_2)
+    with RateRecorder(model, num_steps=T) as recorder:
+        step_hook = model._diffusers_hook.get_hook(_RECORDER_STEP_HOOK)
+        with pytest.raises(ValueError, match="boom"):
+            sample_dit(model, x, labels, T)
+        assert recorder.active is None
+        assert step_hook.state_manager.states() == {}  # no half-written anchors left behind
+        handle.remove()
+        with pytest.raises(RuntimeError, match=r"an earlier call failed \(ValueError: boom\)"):
+            sample_dit(model, x, labels, T)
+    with pytest.raises(RuntimeError, match="a recorded call failed"):
+        recorder.rates()
