@@ -5,6 +5,7 @@ Heavy libraries (torch, diffusers, ray) are imported inside commands, so `--help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -12,9 +13,40 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """The top group, so every command says a usage error (an unknown option, a value out of range, a missing
+    option) in one line on stderr with exit code 2, instead of click's framed panel of five."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _usage_errors_in_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx):
+        with _usage_errors_in_one_line():  # subcommands parse their options in here
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_in_one_line():
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors its own click
+
+    try:
+        yield
+    except NoArgsIsHelpError:  # a bare group: its help, as before
+        raise
+    except UsageError as error:
+        command = error.ctx.command_path if error.ctx is not None else "invardiff"
+        message = " ".join(error.format_message().split()).rstrip(".")
+        typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+        raise typer.Exit(error.exit_code) from None
+
 
 app = typer.Typer(
     name="invardiff",
+    cls=_OneLineUsageErrors,
     help=(
         "Synthesize image datasets with diffusion transformers on Ray, 2-3x cheaper per image with "
         "InvarDiff caching.\n\n"
@@ -66,7 +98,18 @@ MODEL_HELP = (
 
 def _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg):
     from jobs.ray_runtime import storage_options_for
-    from pipelines.build import GeneratorConfig
+    from pipelines.build import DTYPES, GeneratorConfig
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device is not None:
+        import torch
+
+        try:  # what every worker does with it: a typo fails here, not in each actor after Ray has started
+            torch.device(device)
+        except RuntimeError:
+            raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    _check_local_model(model)
 
     return GeneratorConfig(
         model=model,
@@ -81,16 +124,35 @@ def _generator_config(model, steps, guidance, dtype, device, height, width, true
     )
 
 
+def _check_local_model(model: str) -> None:
+    """A checkpoint named by a local path, checked before anything loads (a URI is checked when it is fetched)."""
+    from pipelines import loadtest
+    from pipelines.build import EMBEDDED_MODELS
+    from pipelines.fetch import local_model_dir
+
+    if model in EMBEDDED_MODELS or loadtest.is_loadtest(model) or not _is_local(model):
+        return
+    try:
+        local_model_dir(model)
+    except FileNotFoundError:
+        raise UserError(f"--model {model}: no such folder; give digits, tiny-dit, tiny-flux, loadtest[:SECONDS], or "
+                        "a diffusers checkpoint folder or URI") from None
+    except NotADirectoryError:
+        raise UserError(f"--model {model} is a file; give the checkpoint's folder") from None
+    except ValueError as e:  # a folder without a diffusers layout
+        raise UserError(f"--model {model}: {e}") from None
+
+
 # The settings a plan is tied to. `generate` and `calibrate` declare them once, here, so that the flags a plan was
 # calibrated with mean the same to the generate that uses it (names, defaults, help).
 _GENERATOR_OPTIONS = {
     "model": (str, typer.Option("digits", "--model", help=MODEL_HELP)),
-    "steps": (Optional[int], typer.Option(None, "--steps", help="Denoising steps (default: DiT 50, FLUX 28).")),
+    "steps": (Optional[int], typer.Option(None, "--steps", min=1, help="Denoising steps (default: DiT 50, FLUX 28).")),
     "guidance": (Optional[float], typer.Option(None, "--guidance", help="Guidance scale (default: the model's).")),
     "dtype": (str, typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")),
     "device": (Optional[str], typer.Option(None, "--device", help="cpu or cuda (default: cuda where there are GPUs).")),
-    "height": (Optional[int], typer.Option(None, "--height", help="FLUX only: image height.")),
-    "width": (Optional[int], typer.Option(None, "--width", help="FLUX only: image width.")),
+    "height": (Optional[int], typer.Option(None, "--height", min=1, help="FLUX only: image height.")),
+    "width": (Optional[int], typer.Option(None, "--width", min=1, help="FLUX only: image width.")),
     "true_cfg": (float, typer.Option(1.0, "--true-cfg", help="FLUX only: true CFG scale (>1 runs cond and uncond).")),
 }
 
@@ -148,6 +210,37 @@ def _manifest_schema(model: str):
     return ManifestSchema("class_label", num_classes=json.loads(config_file.read_text())["num_embeds_ada_norm"])
 
 
+def _check_classes(class_ids: list[int], schema, model: str) -> None:
+    """--classes against the model, said as the flag the user typed (the manifest check would name a row of a
+    manifest they never wrote)."""
+    if schema.condition != "class_label":
+        raise UserError(f"--model {model} is conditioned on text: give --prompt TEXT (or a --manifest with a prompt "
+                        "column), not --classes")
+    outside = [c for c in class_ids if not 0 <= c < schema.num_classes]
+    if outside:
+        raise UserError(f"--classes: {outside[0]} is not a class of --model {model}, whose classes are "
+                        f"0-{schema.num_classes - 1}")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local_path(path: str) -> Path:
+    return Path(path.removeprefix("file://")).expanduser()
+
+
+def _refuse_a_file_as_folder(flag: str, path: str) -> None:
+    if _is_local(path) and _local_path(path).is_file():
+        raise UserError(f"{flag} {path} is a file; give a folder (a new one, or one an earlier run wrote to)")
+
+
+def _refuse_a_folder_as_file(flag: str, path: str) -> None:
+    """Checked before the work, because the file is written after it (a plan after a whole calibration)."""
+    if _is_local(path) and _local_path(path).is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {path.rstrip('/')}/plan.json")
+
+
 def _resolve_latest_plan(store: Optional[str], config, address: Optional[str]) -> str:
     from jobs.plan_store import resolve_latest
 
@@ -194,7 +287,11 @@ def _load_plan_json(plan: Optional[str]) -> Optional[str]:
     from invardiff.plan import Plan
     from jobs.ray_runtime import storage_options_for
 
-    return Plan.load(plan, storage_options=storage_options_for(plan) or None).to_json()
+    try:
+        return Plan.load(plan, storage_options=storage_options_for(plan) or None).to_json()
+    except FileNotFoundError:
+        raise UserError(f"--plan {plan}: no such file (a plan JSON from `invardiff calibrate --out`, or 'latest' "
+                        "with --store)") from None
 
 
 @app.command(
@@ -211,11 +308,11 @@ def generate(
     classes: Optional[str] = typer.Option(
         None, "--classes", help="Instead of a manifest: class ids to draw, e.g. '0-9' or '1,3,7'."
     ),
-    per_class: int = typer.Option(8, "--per-class", help="With --classes: images per class."),
+    per_class: int = typer.Option(8, "--per-class", min=1, help="With --classes: images per class."),
     prompt: Optional[list[str]] = typer.Option(
         None, "--prompt", help="Instead of a manifest (FLUX models): a prompt; repeat the flag for more."
     ),
-    per_prompt: int = typer.Option(1, "--per-prompt", help="With --prompt: images per prompt."),
+    per_prompt: int = typer.Option(1, "--per-prompt", min=1, help="With --prompt: images per prompt."),
     seed: int = typer.Option(0, "--seed", help="With --classes/--prompt: seed of the first row; row i gets seed+i."),
     plan: Optional[str] = typer.Option(
         None, "--plan", help="InvarDiff plan (JSON path or URI) to cache with, or 'latest': the store's latest plan "
@@ -242,7 +339,9 @@ def generate(
     address: Optional[str] = typer.Option(
         None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)."
     ),
-    rows_per_file: Optional[int] = typer.Option(None, "--rows-per-file", help="Minimum rows per Parquet file."),
+    rows_per_file: Optional[int] = typer.Option(
+        None, "--rows-per-file", min=1, help="Minimum rows per Parquet file."
+    ),
     max_attempts: int = typer.Option(
         3, "--max-attempts", min=1, help="Times a failed row is tried, over reruns, before it is left as failed."
     ),
@@ -287,13 +386,16 @@ def generate(
     sources = [s for s in (manifest, classes, prompt) if s]
     if len(sources) != 1:
         raise UserError("give exactly one of --manifest, --classes or --prompt")
+    _refuse_a_file_as_folder("--out", out)
+    schema = _manifest_schema(generator_config.model)
     if manifest:  # streamed: read in chunks on the driver to validate, then by Ray Data's readers
         table = ManifestFile(manifest, storage_options_for(manifest))
     elif classes:
-        table = ClassRange(tuple(parse_class_range(classes)), per_class, seed)
+        class_ids = parse_class_range(classes)
+        _check_classes(class_ids, schema, generator_config.model)
+        table = ClassRange(tuple(class_ids), per_class, seed)
     else:
         table = ManifestTable(prompt_manifest(list(prompt), per_prompt, seed))
-    schema = _manifest_schema(generator_config.model)
     from jobs.shadow_watch import ShadowOptions
 
     try:
@@ -460,8 +562,16 @@ def calibrate(
     if provisional_mode not in ("full", "dit-legacy"):
         raise UserError(f"--provisional-mode must be full or dit-legacy, got {provisional_mode!r}")
     overrides = _parse_taus(tau)
-    from invardiff.presets import FORECAST_PRESETS
+    from invardiff.presets import FORECAST_PRESETS, PRESETS
     from pipelines.forecast_calibration import ForecastTarget
+
+    # The model (so its architecture) is known only once loaded; a name no architecture has is refused before.
+    paper_presets = [name for bundles in PRESETS.values() for name in bundles]
+    if preset not in FORECAST_PRESETS and preset not in paper_presets:
+        raise UserError(f"--preset {preset!r} is not a preset: use {', '.join(FORECAST_PRESETS)} or a paper-mode one "
+                        f"({', '.join(paper_presets)}); see `invardiff plan presets`")
+    if out is not None:
+        _refuse_a_folder_as_file("--out", out)
 
     if target_speedup is not None and max_rel_error is not None:
         raise UserError("give --target-speedup or --max-rel-error, not both")
@@ -576,6 +686,9 @@ def train_router_command(
     from jobs.train_router import plan_from_router_file, train_router, train_router_sweep
 
     lams = lam or [1e-4]
+    for flag, path in (("--plan-out", plan_out), ("--out", out)):
+        if path is not None:
+            _refuse_a_folder_as_file(flag, path)
     if from_router and (lam or workers):
         raise UserError("--from-router thresholds a trained router again: no --lam, no --workers")
     if len(lams) > 1 and not all("{lam}" in path for path in (plan_out, out) if path):
@@ -623,7 +736,10 @@ def plan_show(
     from invardiff.plan_report import format_plan, write_heatmaps
     from jobs.ray_runtime import storage_options_for
 
-    loaded = Plan.load(plan, storage_options=storage_options_for(plan) or None)
+    try:
+        loaded = Plan.load(plan, storage_options=storage_options_for(plan) or None)
+    except FileNotFoundError:
+        raise UserError(f"{plan}: no such plan file") from None
     typer.echo(format_plan(loaded, show_modules=modules))
     if heatmaps is None:
         return
@@ -731,6 +847,29 @@ def bench(
         if value is not None:
             argv += [flag, str(value)]
     bench_main(argv)
+
+
+def _one_line_per_paragraph(text: str) -> str:
+    """typer keeps a docstring's line breaks: a paragraph wrapped at 120 columns in the source would break mid-line
+    on an 80-column terminal. Indented paragraphs (command examples) keep theirs."""
+    return "\n\n".join(
+        paragraph if paragraph.startswith(" ") else " ".join(line.strip() for line in paragraph.splitlines())
+        for paragraph in text.split("\n\n")
+    )
+
+
+def _reflow_help(group: typer.Typer) -> None:
+    import inspect
+
+    for info in group.registered_commands:
+        text = info.help if info.help is not None else inspect.getdoc(info.callback)
+        if text:
+            info.help = _one_line_per_paragraph(inspect.cleandoc(text))
+    for info in group.registered_groups:
+        _reflow_help(info.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

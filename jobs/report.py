@@ -773,6 +773,8 @@ def report_command(
 ) -> None:
     """Cost per image, throughput, caching and quality of a generation run."""
     try:
+        if report_dir.exists() and not report_dir.is_dir():  # found now, not after reading the whole run
+            raise ReportInputError(f"--out {report_dir} is a file; give a folder for the report")
         prices = load_prices(prices_file, price or [])
         # Same defaults as generate (AWS_ENDPOINT_URL etc. from the environment); --storage-option wins.
         from jobs.ray_runtime import storage_options_for
