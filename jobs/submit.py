@@ -239,7 +239,7 @@ def _explained_errors(address: str | None) -> Iterator[None]:
         raise ClusterAuthError(missing_token_message(address)) from None
     except ConnectionError as error:
         raise SubmissionError(
-            f"cannot reach the Ray Jobs API at {address or 'the local cluster'}: {error}. "
+            f"cannot reach the Ray Jobs API at {address or 'the local cluster'}: {str(error).rstrip('.')}. "
             "Is the dashboard port (8265) forwarded and the head running?"
         ) from None
     except RuntimeError as error:
