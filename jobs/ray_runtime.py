@@ -19,9 +19,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **console.ray_init_options())
+        with _without_log_level_notice():
+            ray.init(address=address, **console.ray_init_options())
         return
-    with _loopback_only():
+    with _loopback_only(), _without_log_level_notice():
         ray.init(
             _node_ip_address="127.0.0.1",
             num_cpus=num_cpus,
@@ -29,6 +30,37 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             configure_logging=True,
             **console.ray_init_options(),
         )
+
+
+_LOG_LEVEL_NOTICE = b"Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
+@contextlib.contextmanager
+def _without_log_level_notice():
+    """The driver's core worker starts by announcing, on stderr at info level, the very log level that
+    console.quiet_ray sets to keep its warnings off the console: hold stderr while Ray starts, and pass on
+    everything else it wrote."""
+    import sys
+    import tempfile
+
+    if os.environ.get("RAY_BACKEND_LOG_LEVEL") is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held if _LOG_LEVEL_NOTICE not in line]
+            if kept:
+                sys.stderr.buffer.write(b"".join(kept))
+                sys.stderr.flush()
 
 
 # Ray resolves "127.0.0.1" given as the node address back to the machine's external address, unless it runs in

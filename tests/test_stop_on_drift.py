@@ -106,6 +106,7 @@ def test_without_stop_on_drift_the_alarm_is_logged_and_every_row_written(runs):
     assert done.returncode == 0, log
     assert f"drift alarm: {ALARM}" in done.stderr and f"DRIFT: {ALARM}" in done.stdout, log
     assert not [line for line in done.stderr.splitlines() if line.startswith("error:")], log
+    assert "RAY_BACKEND_LOG_LEVEL" not in log, log  # Ray's start-up notice of its log level is held back
 
     record = last_run(out)
     assert record["status"] == "complete" and record["written"] == 24 and record["missing"] == 0
