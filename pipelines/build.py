@@ -35,6 +35,13 @@ class GeneratorConfig:
     true_cfg_scale: float = 1.0  # FLUX only; > 1 runs separate cond/uncond calls
     storage_options: dict = field(default_factory=dict, hash=False, compare=False)
 
+    def __post_init__(self):
+        # 0 would read as "the default" below and quietly run 50 steps; the CLI says so for --steps, this for the API
+        for name in ("num_inference_steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
     def resolved_device(self) -> str:
         if self.device:
             return self.device

@@ -179,3 +179,12 @@ def test_malformed_plan_is_one_line(tmp_path):
     result = generate(tmp_path / "out", "--classes", "0-1", "--plan", str(bad))
     assert_refused(result, PlanError, "not a valid JSON document")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_python_api_refuses_zero_steps_too():
+    from pipelines.build import GeneratorConfig
+
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1, got 0"):
+        GeneratorConfig(num_inference_steps=0)  # read as "the default" it would run 50 steps
+    with pytest.raises(ValueError, match="height must be at least 1"):
+        GeneratorConfig(model="tiny-flux", height=-5)
