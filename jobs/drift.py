@@ -60,7 +60,8 @@ def rho_drift(old_rho: Mapping[str, np.ndarray], new_rho: Mapping[str, np.ndarra
         old, new = np.asarray(old_rho[name], np.float64)[1:-1], np.asarray(new_rho[name], np.float64)[1:-1]
         if old.shape != new.shape:
             raise ValueError(f"rho[{name}]: shapes differ, {old.shape} vs {new.shape}")
-        diff = np.abs(new - old)
+        with np.errstate(invalid="ignore"):  # inf - inf, like NaN, is a rate with no value: dropped next
+            diff = np.abs(new - old)
         diff = diff[np.isfinite(diff)]
         drift[name] = {
             "mean_abs": float(diff.mean()) if diff.size else math.nan,
