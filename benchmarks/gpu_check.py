@@ -670,6 +670,24 @@ def flux_rows(generator, config: CheckConfig, say) -> list[Row]:
     return rows
 
 
+def png_encoding_on_host(config: CheckConfig) -> list[dict]:
+    """What a GPU actor's PNG encoding costs on this machine's CPUs (pipelines/png.py on 256x256 RGB, DiT-XL/2's
+    image size): per image on one thread and on the threads a GPU actor encodes on, which jobs/generate.py
+    sized from an estimate (GPU_ACTOR_MAX_CPUS)."""
+    from benchmarks.png_encoding import measure, realistic_images
+    from jobs.generate import GPU_ACTOR_MAX_CPUS
+    from pipelines.png import encode_pngs
+
+    size, images, min_cpu_s = (32, 8, 0.05) if config.smoke else (256, 32, 1.0)
+    batch = realistic_images(images, size, size, 3)
+    figures = []
+    for threads in sorted({1, GPU_ACTOR_MAX_CPUS}):
+        m = measure(lambda b, t=threads: encode_pngs(b, threads=t), batch, min_cpu_s)
+        figures.append({"image": f"{size}x{size} RGB", "threads": threads, "wall_ms_per_image": m["wall_us"] / 1e3,
+                        "cpu_ms_per_image": m["cpu_us"] / 1e3, "bytes_per_image": m["bytes"]})
+    return figures
+
+
 def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callable[[str], None] = print) -> dict:
     budget = Budget(config.budget_s)
     out.mkdir(parents=True, exist_ok=True)
@@ -680,13 +698,14 @@ def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callabl
     results: list[dict] = []
     skipped: list[dict] = []
     notes: list[str] = []
+    host = {"png_encoding": png_encoding_on_host(config)}  # seconds of CPU, before the device work
 
     def run(groups: list[Group]) -> None:
         for group in groups:
             rows, skips = run_group(group, config, budget, log)
             results.extend(rows)
             skipped.extend(skips)
-            write(out, report(config, command, budget, results, skipped, notes))  # a killed run keeps what it did
+            write(out, report(config, command, budget, results, skipped, notes, host))  # a killed run keeps what it did
 
     # Order: what the targets need first (DiT batch 8, FLUX), then DiT batch 32, then the compiled rows, whose
     # compile time is the least predictable. Both models stay on the device (1.4 + 24 GB in bf16).
@@ -709,13 +728,13 @@ def run_check(config: CheckConfig, out: Path, *, command: str = "", say: Callabl
     if flux is not None:
         run([Group(flux.model_id, flux, 1, True, flux_eager)])
 
-    result = report(config, command, budget, results, skipped, notes)
+    result = report(config, command, budget, results, skipped, notes, host)
     write(out, result)
     log(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'} in {budget.elapsed():.0f} s")
     return result
 
 
-def report(config: CheckConfig, command: str, budget: Budget, results, skipped, notes) -> dict:
+def report(config: CheckConfig, command: str, budget: Budget, results, skipped, notes, host) -> dict:
     return {
         "format": "invardiff-gpu-check/1",
         "config": asdict(config),
@@ -724,6 +743,7 @@ def report(config: CheckConfig, command: str, budget: Budget, results, skipped, 
         "and attention matmuls, 2 FLOPs per multiply-add) x the evaluations that ran; DiT-XL/2 256² is 236.8 GFLOP "
         "per sample per forward (the DiT paper's 118.6 Gflops counts multiply-adds)",
         "rows": results,
+        "host": host,
         "skipped": skipped,
         "notes": notes + NOTES,
     }
@@ -788,6 +808,9 @@ def markdown(result: dict) -> str:
             f" | {c.get('recompiles_timed', '—')} | {c.get('fell_back_to_eager', '—')} |"
         )
     lines += ["", f"FLOPs: {result['flops']}.", ""]
+    lines += [f"- PNG encoding on the host, {e['image']}, {e['threads']} thread(s): {e['wall_ms_per_image']:.2f} ms per "
+              f"image wall, {e['cpu_ms_per_image']:.2f} ms CPU, {e['bytes_per_image']:,.0f} bytes"
+              for e in result.get("host", {}).get("png_encoding", [])]
     lines += [f"- {r['model']} {r['method']}: {r['note']}" for r in result["rows"] if r["note"] and not r["compiled"]]
     if result["skipped"]:
         lines += ["", "Not run:"] + [f"- {s['group']}: {s['method']} ({s['reason']})" for s in result["skipped"]]

@@ -44,6 +44,10 @@ def test_smoke_writes_every_row_with_finite_numbers(smoke):
         assert len(row["seconds"]) == gpu_check.SMOKE.repeats
     md = (out / "gpu_check.md").read_text()
     assert md.count("\n| random-init:") == len(expected)
+    encoding = result["host"]["png_encoding"]
+    assert [e["threads"] for e in encoding] == [1, 4]
+    assert all(e["wall_ms_per_image"] > 0 and e["bytes_per_image"] > 0 for e in encoding)
+    assert md.count("PNG encoding on the host") == 2
 
 
 def test_smoke_counts_and_cache_bytes(smoke):
