@@ -565,7 +565,7 @@ def calibrate(
     from invardiff.presets import FORECAST_PRESETS, PRESETS
     from pipelines.forecast_calibration import ForecastTarget
 
-    # The model (so its architecture) is known only once loaded; a name no architecture has is refused before.
+    # A name no architecture has is refused here; one the model's architecture has not, once that is known below.
     paper_presets = [name for bundles in PRESETS.values() for name in bundles]
     if preset not in FORECAST_PRESETS and preset not in paper_presets:
         raise UserError(f"--preset {preset!r} is not a preset: use {', '.join(FORECAST_PRESETS)} or a paper-mode one "
@@ -604,6 +604,15 @@ def calibrate(
             nonskip_rate=bundle.nonskip_rate if nonskip is None else nonskip,
             name=name,
         )
+
+    from pipelines.build import known_architecture
+
+    try:
+        architecture = known_architecture(generator_config.model)
+    except ValueError as e:  # a diffusers folder of another kind of pipeline
+        raise UserError(f"--model {generator_config.model}: {e}") from None
+    if architecture is not None:
+        make_bundle(architecture)  # a preset or --tau family this model has not: refused before anything loads
 
     if workers is not None or store is not None:
         from jobs.calibrate import calibrate_command

@@ -161,6 +161,20 @@ def _flux_generator(pipe, config: GeneratorConfig, *, model_id: str):
     return FluxGenerator(pipe, **kwargs)
 
 
+def known_architecture(model: str) -> str | None:
+    """'dit' or 'flux' for an embedded model or a local checkpoint folder, without loading it; None for a URI
+    (known once fetched)."""
+    from pipelines import loadtest
+
+    if model == "tiny-flux":
+        return "flux"
+    if model in EMBEDDED_MODELS or loadtest.is_loadtest(model):
+        return "dit"
+    if "://" in model and not model.startswith("file://"):
+        return None
+    return detect_architecture(Path(model.removeprefix("file://")).expanduser())
+
+
 def detect_architecture(model_dir: Path) -> str:
     """'dit' or 'flux', from a diffusers layout's model_index.json or transformer config."""
     index = model_dir / "model_index.json"

@@ -188,3 +188,17 @@ def test_the_python_api_refuses_zero_steps_too():
         GeneratorConfig(num_inference_steps=0)  # read as "the default" it would run 50 steps
     with pytest.raises(ValueError, match="height must be at least 1"):
         GeneratorConfig(model="tiny-flux", height=-5)
+
+
+def test_calibrate_refuses_a_preset_or_tau_family_the_model_has_not_before_loading_it(monkeypatch, tmp_path):
+    import pipelines.build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the preset was checked")
+
+    monkeypatch.setattr(pipelines.build, "build_generator", no_model)
+    out = str(tmp_path / "plan.json")
+    result = invoke("calibrate", "--preset", "paper-flux-fast", "--out", out)
+    assert_refused(result, UserError, "no 'dit' preset named 'paper-flux-fast'")
+    result = invoke("calibrate", "--preset", "paper-dit-fast", "--tau", "nope=0.1", "--out", out)
+    assert_refused(result, UserError, "unknown family nope")
