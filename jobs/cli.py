@@ -98,17 +98,9 @@ MODEL_HELP = (
 
 def _generator_config(model, steps, guidance, dtype, device, height, width, true_cfg):
     from jobs.ray_runtime import storage_options_for
-    from pipelines.build import DTYPES, GeneratorConfig
+    from pipelines.build import GeneratorConfig
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if device is not None:
-        import torch
-
-        try:  # what every worker does with it: a typo fails here, not in each actor after Ray has started
-            torch.device(device)
-        except RuntimeError:
-            raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    _check_dtype_and_device(dtype, device)
     _check_local_model(model)
 
     return GeneratorConfig(
@@ -122,6 +114,20 @@ def _generator_config(model, steps, guidance, dtype, device, height, width, true
         true_cfg_scale=true_cfg,
         storage_options=storage_options_for(model),
     )
+
+
+def _check_dtype_and_device(dtype: str | None, device: str | None) -> None:
+    from pipelines.build import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device is not None:
+        import torch
+
+        try:  # what every worker does with it: a typo fails here, not in each actor after Ray has started
+            torch.device(device)
+        except RuntimeError:
+            raise UserError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
 
 
 def _check_local_model(model: str) -> None:
@@ -848,6 +854,8 @@ def bench(
 ):
     """Benchmark InvarDiff against diffusers' caches, cache-dit and simple baselines: speed vs fidelity."""
     from benchmarks.bench import main as bench_main
+
+    _check_dtype_and_device(dtype, device)
 
     argv = ["--out", str(out), "--model", model]
     argv += ["--quick"] * quick + ["--random-dit-xl"] * random_dit_xl

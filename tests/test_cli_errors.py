@@ -202,3 +202,11 @@ def test_calibrate_refuses_a_preset_or_tau_family_the_model_has_not_before_loadi
     assert_refused(result, UserError, "no 'dit' preset named 'paper-flux-fast'")
     result = invoke("calibrate", "--preset", "paper-dit-fast", "--tau", "nope=0.1", "--out", out)
     assert_refused(result, UserError, "unknown family nope")
+
+
+@pytest.mark.parametrize("flag, value, words", [("--dtype", "float8", "--dtype must be one of"),
+                                                ("--device", "tpu", "is not a device")])
+def test_bench_refuses_a_bad_dtype_or_device_in_one_line(tmp_path, flag, value, words):
+    result = invoke("bench", "--out", str(tmp_path / "bench"), flag, value)
+    assert_refused(result, UserError, words)
+    assert not (tmp_path / "bench").exists()
