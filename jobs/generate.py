@@ -414,6 +414,7 @@ class ActorPool:
     actor_cpus: float
     torch_threads: int
     config: GeneratorConfig  # with the device the actors use
+    cpu_nodes: int  # live nodes with CPUs: one manifest read at a time on each
 
     @property
     def device(self) -> str:
@@ -422,15 +423,16 @@ class ActorPool:
     @classmethod
     def for_job(cls, generator_config: GeneratorConfig, workers: int | None, address: str | None) -> ActorPool:
         """Starts (or joins) Ray: the pool is shaped by what the cluster has."""
-        from jobs.ray_runtime import cluster_gpus, ensure_ray
+        from jobs.ray_runtime import cluster_gpus, ensure_ray, node_shapes
 
         ensure_ray(address)
+        nodes = node_shapes()
         gpus = cluster_gpus() if generator_config.device in (None, "cuda") else 0
         config = generator_config if gpus or generator_config.device else _with_device(generator_config, "cpu")
         if workers is None:
             workers = max(1, gpus) if gpus else 1
-        actor_cpus, torch_threads = gpu_actor_shape() if gpus else cpu_actor_shape(workers)
-        return cls(workers, gpus, actor_cpus, torch_threads, config)
+        actor_cpus, torch_threads = gpu_actor_shape(nodes) if gpus else cpu_actor_shape(workers, nodes)
+        return cls(workers, gpus, actor_cpus, torch_threads, config, cpu_nodes=sum(1 for cpus, _ in nodes if cpus))
 
 
 def _write(source, index, todo: Todo, location, run_id, pool: ActorPool, *, schema, plan_json, batch_size,
@@ -438,7 +440,7 @@ def _write(source, index, todo: Todo, location, run_id, pool: ActorPool, *, sche
     import ray
 
     from jobs import console, hf_features
-    from jobs.ray_runtime import filesystem_for, node_cpus
+    from jobs.ray_runtime import filesystem_for
     from jobs.shadow_watch import DriftMonitor, start_watch
     from pipelines.build import class_names
 
@@ -462,7 +464,7 @@ def _write(source, index, todo: Todo, location, run_id, pool: ActorPool, *, sche
     # One read task per node at a time, as cpu_actor_shape reserves: reads keep well ahead of the actors, and
     # the share kept for the Parquet writes stays theirs (three reads at once took it, and the first file
     # landed only once the whole manifest had been read).
-    read = dict(num_cpus=READ_TASK_CPUS, concurrency=max(1, len(node_cpus())))
+    read = dict(num_cpus=READ_TASK_CPUS, concurrency=max(1, pool.cpu_nodes))
     ds = rows_dataset(source, schema, index, **read)
     ds = ds.map_batches(select_todo, batch_size=None, batch_format="pyarrow",
                         fn_kwargs={"todo_refs": todo_refs, "metadata": named.metadata}, **read)
@@ -575,19 +577,17 @@ def one_line(e: BaseException) -> str:
     return f"{type(error).__name__}: {message}"[:500] if message else type(error).__name__
 
 
-def gpu_actor_shape() -> tuple[float, int]:
-    """(CPUs reserved, threads) for each GPU actor: its GPU's share of the node's CPUs, less the manifest reads'
-    and Parquet writes' share, up to GPU_ACTOR_MAX_CPUS; at least 1."""
-    from jobs.ray_runtime import node_shapes
-
-    per_gpu = [cpus / gpus for cpus, gpus in node_shapes() if gpus]
+def gpu_actor_shape(nodes: list[tuple[float, float]]) -> tuple[float, int]:
+    """(CPUs reserved, threads) for each GPU actor, from the nodes' (CPUs, GPUs): its GPU's share of the node's
+    CPUs, less the manifest reads' and Parquet writes' share, up to GPU_ACTOR_MAX_CPUS; at least 1."""
+    per_gpu = [cpus / gpus for cpus, gpus in nodes if gpus]
     share = min(per_gpu) - READ_TASK_CPUS - WRITE_TASK_CPUS if per_gpu else 1.0
     cpus = max(1, min(GPU_ACTOR_MAX_CPUS, math.floor(share)))
     return float(cpus), cpus
 
 
-def cpu_actor_shape(workers: int) -> tuple[float, int]:
-    """(CPUs reserved, torch intra-op threads) for each CPU actor.
+def cpu_actor_shape(workers: int, nodes: list[tuple[float, float]]) -> tuple[float, int]:
+    """(CPUs reserved, torch intra-op threads) for each CPU actor, from the nodes' (CPUs, GPUs).
 
     An actor reserves its node's CPUs shared among the actors that node gets (workers spread evenly),
     less READ_TASK_CPUS + WRITE_TASK_CPUS for the manifest reads and Parquet writes: an actor pool that holds
@@ -597,11 +597,9 @@ def cpu_actor_shape(workers: int) -> tuple[float, int]:
     follow the share: more threads than cores oversubscribes a node (on a busy 2-core machine one batch
     took 1.1 s with 1 thread and 6-12 s with 2). INVARDIFF_TORCH_THREADS overrides the thread count.
     """
-    from jobs.ray_runtime import node_cpus
-
-    nodes = node_cpus()
-    smallest = min(nodes) if nodes else 1.0
-    actors_per_node = math.ceil(workers / max(1, len(nodes)))
+    node_cpus = [cpus for cpus, _ in nodes if cpus]
+    smallest = min(node_cpus) if node_cpus else 1.0
+    actors_per_node = math.ceil(workers / max(1, len(node_cpus)))
     actor_cpus = max(0.05, (smallest - READ_TASK_CPUS - WRITE_TASK_CPUS) / actors_per_node)
     override = os.environ.get("INVARDIFF_TORCH_THREADS")
     threads = int(override) if override else int(smallest // actors_per_node)

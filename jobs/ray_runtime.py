@@ -103,11 +103,6 @@ def node_shapes() -> list[tuple[float, float]]:
     return [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n["Alive"]]
 
 
-def node_cpus() -> list[float]:
-    """The CPU count of each live node that has CPUs."""
-    return [cpus for cpus, _ in node_shapes() if cpus]
-
-
 def cluster_cpus() -> float:
     import ray
 

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from pipelines.base import GenerationResult, Generator, Request
-from pipelines.png import decode_png, encode_pngs  # noqa: F401 - decode_png: tests and callers import it from here
+from pipelines.png import encode_pngs
 
 
 @dataclass

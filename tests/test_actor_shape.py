@@ -1,10 +1,9 @@
-"""How many CPUs each generation actor reserves, from the cluster's node shapes (no Ray started)."""
+"""How many CPUs each generation actor reserves, from the cluster's node shapes (pure functions, no Ray)."""
 
 from __future__ import annotations
 
 import pytest
 
-from jobs import ray_runtime
 from jobs.generate import READ_TASK_CPUS, WRITE_TASK_CPUS, cpu_actor_shape, gpu_actor_shape
 
 
@@ -17,14 +16,13 @@ from jobs.generate import READ_TASK_CPUS, WRITE_TASK_CPUS, cpu_actor_shape, gpu_
         ([(96.0, 8.0), (16.0, 8.0), (8.0, 0.0)], (1.0, 1)),  # the GPU node with the fewest CPUs per GPU sets it
     ],
 )
-def test_gpu_actor_reserves_a_few_cpus_to_encode_its_batches(monkeypatch, nodes, expected):
-    monkeypatch.setattr(ray_runtime, "node_shapes", lambda: nodes)
-    assert gpu_actor_shape() == expected
+def test_gpu_actor_reserves_a_few_cpus_to_encode_its_batches(nodes, expected):
+    assert gpu_actor_shape(nodes) == expected
 
 
 def test_cpu_actors_leave_one_read_and_one_write_room_on_every_node(monkeypatch):
-    monkeypatch.setattr(ray_runtime, "node_shapes", lambda: [(2.0, 0.0)])
     monkeypatch.delenv("INVARDIFF_TORCH_THREADS", raising=False)
-    assert cpu_actor_shape(1) == (pytest.approx(2.0 - READ_TASK_CPUS - WRITE_TASK_CPUS), 2)
-    cpus, threads = cpu_actor_shape(2)
+    nodes = [(2.0, 0.0)]
+    assert cpu_actor_shape(1, nodes) == (pytest.approx(2.0 - READ_TASK_CPUS - WRITE_TASK_CPUS), 2)
+    cpus, threads = cpu_actor_shape(2, nodes)
     assert 2 * cpus + READ_TASK_CPUS + WRITE_TASK_CPUS == pytest.approx(2.0) and threads == 1

@@ -10,7 +10,7 @@ from jobs.generate import run_generate
 from jobs.manifest import ManifestError, ManifestSchema, class_manifest
 from jobs.outputs import read_outputs
 from pipelines.build import GeneratorConfig
-from pipelines.runner import decode_png
+from pipelines.png import decode_png
 
 TINY = GeneratorConfig(model="tiny-dit", num_inference_steps=4, device="cpu")
 SCHEMA = ManifestSchema("class_label", num_classes=10)

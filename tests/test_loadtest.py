@@ -11,7 +11,7 @@ from jobs.outputs import read_outputs
 from pipelines import digits, loadtest
 from pipelines.base import Request
 from pipelines.build import GeneratorConfig, build_generator
-from pipelines.runner import decode_png
+from pipelines.png import decode_png
 
 
 def requests(seeds, labels=None):
